@@ -1,0 +1,98 @@
+"""Command line: ``python -m engine serve|stats --config PATH``.
+
+The only place that configures logging and starts an event loop (uvloop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+import uvloop
+
+from engine import config as config_module
+from engine.config import Config
+from engine.dicom.scp import StoreSCP
+from engine.errors import EngineError
+from engine.index.sqlite import SQLiteIndex, stats_of
+from engine.pipeline import Pipeline
+from engine.recovery import recover
+from engine.storage.area import StorageArea
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("config.toml")
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    """Run the engine until ``stop`` is set; then drain, answer and close cleanly."""
+    storage = StorageArea(config.storage.path, config.storage.quarantine, config.storage.fsync)
+    was_clean = await asyncio.to_thread(storage.prepare)
+    index = SQLiteIndex(config.index.path, durable=config.storage.fsync)
+    await index.open()
+    try:
+        await recover(storage, index, was_clean)
+        pipeline = Pipeline(config, index, storage)
+        async with pipeline.running():
+            scp = StoreSCP(config.dicom, pipeline.receiver)
+            await asyncio.to_thread(scp.start)
+            log.info("engine ready: storage %s, index %s", storage.root, index.path)
+            await stop.wait()
+            log.info("stopping: no new associations; finishing what is in flight")
+            await asyncio.to_thread(scp.stop, config.dicom.shutdown_grace)
+    finally:
+        await index.close()
+    storage.mark_clean()
+    log.info("engine stopped cleanly")
+
+
+async def _serve_until_signal(config: Config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, stop)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO; keep its warnings only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "run the DICOM server in the foreground (stop with SIGTERM or Ctrl-C)"),
+        ("stats", "print the index's counts as one JSON object"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.toml to use")
+    args = parser.parse_args(argv)
+    try:
+        config = config_module.load(args.config)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            _setup_logging(config.log.level)
+            log.info("configuration: %s", orjson.dumps(config_module.describe(config)).decode())
+            uvloop.run(_serve_until_signal(config))
+        elif args.command == "stats":
+            counts = uvloop.run(stats_of(config.index.path))
+            sys.stdout.write(orjson.dumps(counts).decode() + "\n")
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,229 @@
+"""The engine's configuration: frozen dataclasses loaded once from a TOML file.
+
+Defaults live here and nowhere else. A config file only needs ``[dicom]``,
+``[storage]`` and ``[index]``; every other key falls back to the default below.
+An unknown key or a value of the wrong type stops the engine at start with a
+message naming the key (``ConfigError``). Relative paths are resolved against
+the folder that holds the config file, so the repository's ``config.toml``
+runs as is from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+
+# PS3.8: an AE title is 1 to 16 characters of the default repertoire, no backslash.
+AE_TITLE_MAX = 16
+
+
+class DuplicatePolicy(StrEnum):
+    """What to do when a SOP Instance UID arrives again with different content."""
+
+    KEEP = "keep"  # keep the first copy, answer success
+    OVERWRITE = "overwrite"  # replace the stored copy with the new one
+    REJECT = "reject"  # answer "Duplicate SOP Instance" (0x0111), keep the first copy
+
+
+class Transcode(StrEnum):
+    """What the write stage stores for compressed (JPEG-family, RLE) images."""
+
+    NONE = "none"  # keep the transfer syntax the scanner sent
+    EXPLICIT_LITTLE = "explicit-little"  # decompress to Explicit VR Little Endian
+
+
+@dataclass(frozen=True, slots=True)
+class DicomConfig:
+    ae_title: str = "ENGINE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    maximum_associations: int = 64
+    maximum_pdu_size: int = 262144
+    # Seconds a peer may stay silent on an open association before it is aborted.
+    network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    # Seconds granted to open associations at shutdown before they are aborted.
+    shutdown_grace: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    path: Path = Path("storage")
+    # Where rejected input goes, with a JSON note each; default <path>/.quarantine.
+    quarantine_path: Path | None = None
+    fsync: bool = True
+
+    @property
+    def quarantine(self) -> Path:
+        if self.quarantine_path is not None:
+            return self.quarantine_path
+        return self.path / ".quarantine"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexConfig:
+    path: Path = Path("index.sqlite")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP
+    check_pixels: bool = False
+    transcode: Transcode = Transcode.NONE
+    # Seconds a C-STORE may wait for the pipeline before it is answered 0xA700.
+    store_timeout: float = 120.0
+    # Processes that decode pixel data (check_pixels, transcode); 0 = one per core.
+    decode_workers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    # Capacity of each bounded queue between two stages.
+    queue_size: int = 256
+    # Most items one stage takes from its queue at a time (one batch).
+    batch_max: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+REQUIRED_SECTIONS = ("dicom", "storage", "index")
+
+
+def load(path: Path) -> Config:
+    """Read and check a config file; relative paths are taken from its folder."""
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return from_mapping(raw, base=path.resolve().parent)
+
+
+def from_mapping(raw: dict[str, Any], base: Path) -> Config:
+    """Build a Config from parsed TOML, checking every key and type."""
+    for name in REQUIRED_SECTIONS:
+        if name not in raw:
+            raise ConfigError(f"missing section [{name}]")
+    config = _build(Config, raw, "", base)
+    _check(config)
+    return config
+
+
+def _build(cls: type[Any], raw: Any, where: str, base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        values[name] = _convert(hints[name], value, key, base)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, base: Path) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type[Any], hint), value, key, base)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key, base)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"'{key}' must be a non-empty path string, not {value!r}")
+        return (base / os.path.expanduser(value)).resolve()
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        choices = ", ".join(f'"{m.value}"' for m in hint)
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be one of {choices}, not {value!r}")
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"'{key}' must be one of {choices}, not {value!r}") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, not {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"'{key}' must be a number, not {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, not {value!r}")
+        return value
+    raise ConfigError(f"'{key}': unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _check(config: Config) -> None:
+    """Range checks that types alone cannot express."""
+    ae = config.dicom.ae_title
+    if not 0 < len(ae.strip()) <= AE_TITLE_MAX or "\\" in ae or not ae.isascii():
+        raise ConfigError(f"'dicom.ae_title' must be 1-16 ASCII characters, not {ae!r}")
+    if not 0 < config.dicom.port < 65536:
+        raise ConfigError(f"'dicom.port' must be between 1 and 65535, not {config.dicom.port}")
+    positive = {
+        "dicom.maximum_associations": config.dicom.maximum_associations,
+        "dicom.network_timeout": config.dicom.network_timeout,
+        "dicom.acse_timeout": config.dicom.acse_timeout,
+        "dicom.dimse_timeout": config.dicom.dimse_timeout,
+        "ingest.store_timeout": config.ingest.store_timeout,
+        "pipeline.queue_size": config.pipeline.queue_size,
+        "pipeline.batch_max": config.pipeline.batch_max,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be greater than 0, not {value}")
+    if config.dicom.maximum_pdu_size < 0:
+        raise ConfigError("'dicom.maximum_pdu_size' must be 0 (unlimited) or more")
+    if config.ingest.decode_workers < 0:
+        raise ConfigError("'ingest.decode_workers' must be 0 (one per core) or more")
+    if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"'log.level' must be DEBUG, INFO, WARNING or ERROR, not {config.log.level!r}")
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain values, for the start-up log line."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Path | StrEnum):
+            return str(value)
+        return value
+
+    result: dict[str, Any] = plain(config)
+    return result

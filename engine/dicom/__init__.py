@@ -1,0 +1,1 @@
+"""The DICOM network adapters. The only package that imports pynetdicom."""

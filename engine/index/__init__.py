@@ -1,0 +1,1 @@
+"""The index behind one interface (``base.Index``); SQLite is the embedded backend."""

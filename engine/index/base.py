@@ -1,0 +1,66 @@
+"""What the index stores and answers, independent of the database behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engine.duplicates import Decision, Existing
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    """One written file, ready to be indexed."""
+
+    attributes: dict[str, Any]  # columns from validate.extract
+    transfer_syntax: str
+    path: str
+    size: int
+    digest: str
+    received_at: float
+    calling_ae: str
+    called_ae: str
+    peer_ip: str
+
+    @property
+    def sop_instance_uid(self) -> str:
+        uid: str = self.attributes["sop_instance_uid"]
+        return uid
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    path: str | None
+    outcome: str
+    status: int
+    reason: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    called_ae: str
+    peer_ip: str
+    received_at: float
+
+
+@dataclass(slots=True)
+class CommitReport:
+    """What a batch commit decided: one decision per row, and files no row references."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    existing: list[Existing | None] = field(default_factory=list)
+    unreferenced: list[str] = field(default_factory=list)
+
+
+Decide = Callable[[Existing | None, str], Decision]
+
+
+class Index(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def lookup(self, sop_instance_uids: list[str]) -> dict[str, Existing]: ...
+    async def commit_batch(
+        self, rows: list[InstanceRow], quarantined: list[QuarantineRow], decide: Decide
+    ) -> CommitReport: ...
+    async def stats(self) -> dict[str, int]: ...

@@ -1,0 +1,344 @@
+"""The SQLite index through aiosqlite: WAL mode, one writer, batched transactions.
+
+Two connections: the writer (used only by the index stage, one transaction per
+batch) and a reader (duplicate look-ups, stats). WAL lets the reader, and other
+processes such as ``engine stats``, read while a batch commits.
+
+``synchronous`` follows ``[storage] fsync``: FULL syncs the WAL at each commit
+(an acknowledged instance survives a power cut), NORMAL leaves it to checkpoints
+(it survives a crash of the engine, not of the machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from engine.duplicates import Decision, Existing
+from engine.errors import IndexDatabaseError
+from engine.index.base import CommitReport, Decide, InstanceRow, QuarantineRow
+from engine.attributes import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
+
+log = logging.getLogger(__name__)
+
+# SQLite's default limit on host parameters is 32766 (since 3.32); stay far below.
+CHUNK = 500
+BUSY_TIMEOUT_MS = 60_000
+
+_PATIENT_COLS = list(PATIENT_KEYS)
+_STUDY_COLS = [c for c in STUDY_KEYS] + ["patient_id", "issuer_of_patient_id"]
+_SERIES_COLS = [c for c in SERIES_KEYS] + ["study_uid"]
+_INSTANCE_COLS = [c for c in INSTANCE_KEYS] + ["series_uid", "study_uid"]
+_FILE_COLS = [
+    "transfer_syntax", "path", "size", "digest", "received_at", "calling_ae", "called_ae", "peer_ip",
+]
+
+
+def _insert(table: str, columns: list[str], extra: str = "") -> str:
+    names = ", ".join(columns)
+    marks = ", ".join("?" for _ in columns)
+    return f"INSERT INTO {table} ({names}) VALUES ({marks}) {extra}"
+
+
+_INSERT_PATIENT = _insert("patients", _PATIENT_COLS, "ON CONFLICT DO NOTHING")
+_INSERT_STUDY = _insert(
+    "studies", [*_STUDY_COLS, "created_at", "updated_at"], "ON CONFLICT DO NOTHING"
+)
+_INSERT_SERIES = _insert("series", [*_SERIES_COLS, "updated_at"], "ON CONFLICT DO NOTHING")
+_INSERT_INSTANCE = _insert("instances", [*_INSTANCE_COLS, *_FILE_COLS])
+_REPLACE_INSTANCE = (
+    "UPDATE instances SET "
+    + ", ".join(f"{c} = ?" for c in [*_INSTANCE_COLS, *_FILE_COLS])
+    + " WHERE sop_instance_uid = ?"
+)
+_INSERT_QUARANTINE = _insert(
+    "quarantine",
+    [
+        "path", "outcome", "status", "reason", "sop_class_uid", "sop_instance_uid",
+        "transfer_syntax", "calling_ae", "called_ae", "peer_ip", "received_at",
+    ],
+)
+_RECOUNT_SERIES = """
+UPDATE series SET
+    num_instances = (SELECT COUNT(*) FROM instances WHERE instances.series_uid = ?1),
+    updated_at = MAX(updated_at, ?2)
+WHERE series_uid = ?1
+"""
+_RECOUNT_STUDY = """
+UPDATE studies SET
+    num_series = (SELECT COUNT(*) FROM series WHERE series.study_uid = ?1 AND num_instances > 0),
+    num_instances = (SELECT COALESCE(SUM(num_instances), 0) FROM series WHERE series.study_uid = ?1),
+    modalities = (SELECT GROUP_CONCAT(modality, '\\') FROM (
+        SELECT DISTINCT modality FROM series
+        WHERE series.study_uid = ?1 AND modality IS NOT NULL AND num_instances > 0
+        ORDER BY modality)),
+    updated_at = MAX(updated_at, ?2)
+WHERE study_uid = ?1
+"""
+
+
+def schema_scripts() -> list[tuple[int, str]]:
+    """(version, SQL) for every schema file, in order."""
+    folder = resources.files("engine.index") / "schema"
+    scripts = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            scripts.append((int(entry.name.split("_", 1)[0]), entry.read_text("utf-8")))
+    return sorted(scripts)
+
+
+SCHEMA_VERSION = schema_scripts()[-1][0]
+
+
+class SQLiteIndex:
+    def __init__(self, path: Path, durable: bool) -> None:
+        self.path = path
+        self.durable = durable
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._writer = await self._connect()
+            await self._migrate(self._writer)
+            self._reader = await self._connect()
+        except sqlite3.Error as exc:
+            await self.close()
+            raise IndexDatabaseError(f"cannot open the index {self.path}: {exc}") from exc
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
+        await db.execute("PRAGMA foreign_keys = OFF")  # batches insert parents first; no cost
+        return db
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise IndexDatabaseError(
+                f"the index {self.path} has schema version {version}; "
+                f"this engine knows up to {SCHEMA_VERSION}"
+            )
+        for number, script in schema_scripts():
+            if number > version:
+                log.info("applying index schema version %d", number)
+                await db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    async def close(self) -> None:
+        for db in (self._reader, self._writer):
+            if db is not None:
+                await db.close()
+        self._reader = self._writer = None
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise IndexDatabaseError("the index is not open")
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise IndexDatabaseError("the index is not open")
+        return self._reader
+
+    # -- reads --------------------------------------------------------------------
+
+    async def lookup(self, sop_instance_uids: list[str]) -> dict[str, Existing]:
+        found = await self._select_existing(self.reader, sop_instance_uids)
+        return {uid: Existing(digest, path) for uid, (digest, path, _, _) in found.items()}
+
+    @staticmethod
+    async def _select_existing(
+        db: aiosqlite.Connection, uids: list[str]
+    ) -> dict[str, tuple[str, str, str, str]]:
+        """uid -> (digest, path, series_uid, study_uid) for the stored ones."""
+        found: dict[str, tuple[str, str, str, str]] = {}
+        unique = list(dict.fromkeys(uids))
+        for start in range(0, len(unique), CHUNK):
+            chunk = unique[start : start + CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            sql = (
+                "SELECT sop_instance_uid, digest, path, series_uid, study_uid FROM instances "
+                f"WHERE sop_instance_uid IN ({marks})"
+            )
+            async with db.execute(sql, chunk) as cursor:
+                async for uid, digest, path, series_uid, study_uid in cursor:
+                    found[uid] = (digest, path, series_uid, study_uid)
+        return found
+
+    async def stats(self) -> dict[str, int]:
+        return await read_stats(self.reader)
+
+    async def paths(self) -> list[tuple[str, str]]:
+        """(SOP Instance UID, path) of every instance; for the start-up consistency check."""
+        async with self.reader.execute("SELECT sop_instance_uid, path FROM instances") as cursor:
+            return [(uid, path) async for uid, path in cursor]
+
+    # -- the batch commit ----------------------------------------------------------
+
+    async def commit_batch(
+        self, rows: list[InstanceRow], quarantined: list[QuarantineRow], decide: Decide
+    ) -> CommitReport:
+        """Index a batch in one transaction, judging duplicates against what is stored.
+
+        Rows are judged in order, each against the index as this transaction has
+        left it, so two copies of one UID in the same batch are settled too.
+        """
+        db = self.writer
+        report = CommitReport()
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            found = await self._select_existing(db, [r.sop_instance_uid for r in rows])
+            inserts: list[InstanceRow] = []
+            replaces: list[InstanceRow] = []
+            touched_series: dict[str, float] = {}
+            touched_studies: dict[str, float] = {}
+            for row in rows:
+                uid = row.sop_instance_uid
+                before = found.get(uid)
+                existing = Existing(before[0], before[1]) if before else None
+                decision = decide(existing, row.digest)
+                report.decisions.append(decision)
+                report.existing.append(existing)
+                if decision is Decision.NEW:
+                    inserts.append(row)
+                elif decision is Decision.OVERWRITE:
+                    assert before is not None
+                    replaces.append(row)
+                    touched_series[before[2]] = row.received_at
+                    touched_studies[before[3]] = row.received_at
+                    if before[1] != row.path:
+                        report.unreferenced.append(before[1])
+                elif existing is not None and existing.path != row.path:
+                    report.unreferenced.append(row.path)  # SAME, KEEP, REJECT: new file unused
+                if decision in (Decision.NEW, Decision.OVERWRITE):
+                    a = row.attributes
+                    found[uid] = (row.digest, row.path, a["series_uid"], a["study_uid"])
+                    touched_series[a["series_uid"]] = row.received_at
+                    touched_studies[a["study_uid"]] = row.received_at
+            # A candidate path may have become the kept one again later in the batch.
+            kept = {entry[1] for entry in found.values()}
+            report.unreferenced = [
+                p for p in dict.fromkeys(report.unreferenced) if p not in kept
+            ]
+            written = inserts + replaces
+            if written:
+                await db.executemany(
+                    _INSERT_PATIENT, [[r.attributes[c] for c in _PATIENT_COLS] for r in written]
+                )
+                await db.executemany(
+                    _INSERT_STUDY,
+                    [
+                        [*(r.attributes[c] for c in _STUDY_COLS), r.received_at, r.received_at]
+                        for r in written
+                    ],
+                )
+                await db.executemany(
+                    _INSERT_SERIES,
+                    [[*(r.attributes[c] for c in _SERIES_COLS), r.received_at] for r in written],
+                )
+            if inserts:
+                await db.executemany(_INSERT_INSTANCE, [_instance_values(r) for r in inserts])
+            if replaces:
+                await db.executemany(
+                    _REPLACE_INSTANCE, [[*_instance_values(r), r.sop_instance_uid] for r in replaces]
+                )
+            if touched_series:
+                await db.executemany(_RECOUNT_SERIES, list(touched_series.items()))
+                await db.executemany(_RECOUNT_STUDY, list(touched_studies.items()))
+            if quarantined:
+                await db.executemany(_INSERT_QUARANTINE, [_quarantine_values(q) for q in quarantined])
+            await db.execute("COMMIT")
+        except BaseException:
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed")
+            raise
+        return report
+
+    async def record_quarantine(self, quarantined: list[QuarantineRow]) -> None:
+        await self.commit_batch([], quarantined, lambda existing, digest: Decision.NEW)
+
+    async def forget(self, sop_instance_uids: list[str]) -> None:
+        """Remove rows (whose files are gone) and recount their series and studies."""
+        db = self.writer
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            found = await self._select_existing(db, sop_instance_uids)
+            await db.executemany(
+                "DELETE FROM instances WHERE sop_instance_uid = ?", [[u] for u in found]
+            )
+            series = {v[2] for v in found.values()}
+            studies = {v[3] for v in found.values()}
+            await db.executemany(_RECOUNT_SERIES, [(s, 0.0) for s in series])
+            await db.executemany("DELETE FROM series WHERE series_uid = ? AND num_instances = 0", [[s] for s in series])
+            await db.executemany(_RECOUNT_STUDY, [(s, 0.0) for s in studies])
+            await db.executemany("DELETE FROM studies WHERE study_uid = ? AND num_instances = 0", [[s] for s in studies])
+            await db.execute(
+                "DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM studies WHERE "
+                "studies.patient_id = patients.patient_id AND "
+                "studies.issuer_of_patient_id = patients.issuer_of_patient_id)"
+            )
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+
+def _instance_values(row: InstanceRow) -> list[Any]:
+    a = row.attributes
+    return [
+        *(a[c] for c in _INSTANCE_COLS),
+        row.transfer_syntax, row.path, row.size, row.digest, row.received_at,
+        row.calling_ae, row.called_ae, row.peer_ip,
+    ]
+
+
+def _quarantine_values(q: QuarantineRow) -> list[Any]:
+    return [
+        q.path, q.outcome, q.status, q.reason, q.sop_class_uid, q.sop_instance_uid,
+        q.transfer_syntax, q.calling_ae, q.called_ae, q.peer_ip, q.received_at,
+    ]
+
+
+STATS_SQL = """
+SELECT
+    (SELECT COUNT(*) FROM patients),
+    (SELECT COUNT(*) FROM studies),
+    (SELECT COUNT(*) FROM series),
+    (SELECT COUNT(*) FROM instances),
+    (SELECT COALESCE(SUM(size), 0) FROM instances),
+    (SELECT COUNT(*) FROM quarantine)
+"""
+STATS_KEYS = ("patients", "studies", "series", "instances", "bytes", "quarantined")
+
+
+async def read_stats(db: aiosqlite.Connection) -> dict[str, int]:
+    async with db.execute(STATS_SQL) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return dict(zip(STATS_KEYS, (int(v) for v in row), strict=True))
+
+
+async def stats_of(path: Path) -> dict[str, int]:
+    """Counts from an index file, read-only; works while an engine writes to it."""
+    if not path.exists():
+        raise IndexDatabaseError(f"no index at {path}")
+    uri = f"file:{path}?mode=ro"
+    async with aiosqlite.connect(uri, uri=True) as db:
+        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return await read_stats(db)

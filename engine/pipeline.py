@@ -1,0 +1,97 @@
+"""THE topology of the engine: four bounded queues, five stages, one TaskGroup.
+
+```
+ scanner --C-STORE--> dicom/scp.py  (pynetdicom association thread)
+                         |  Receiver.submit_from_thread(Received) -> Result; the thread waits
+                         v
+ asyncio loop:  receive -> validate -> dedupe -> write -> index --> resolve futures
+                  (bounded asyncio.Queue between every two stages)
+```
+
+Every stage takes whatever is queued when it becomes free, up to ``batch_max``,
+and never sleeps to fill a batch. Memory is bounded: at most ``queue_size`` items
+wait in each queue and ``batch_max`` in each stage; senders beyond that wait in
+``Receiver.submit`` holding only their own request.
+
+Shutdown (``stop``): the receiver closes, a Stop marker follows the last item
+down the queues, each stage finishes its batch and passes the marker on, and the
+TaskGroup ends when the index stage has committed the last batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from engine import codecs
+from engine.config import Config
+from engine.index.sqlite import SQLiteIndex
+from engine.stages import dedupe, validate, write
+from engine.stages.flow import STOP, Item, Stop
+from engine.stages.index import IndexStage
+from engine.stages.receive import Receiver
+from engine.storage.area import StorageArea
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, config: Config, index: SQLiteIndex, storage: StorageArea) -> None:
+        self.config = config
+        self.index = index
+        self.storage = storage
+        size = config.pipeline.queue_size
+        self.queues: dict[str, asyncio.Queue[Item | Stop]] = {
+            name: asyncio.Queue(size) for name in ("validate", "dedupe", "write", "index")
+        }
+        self.receiver = Receiver(self.queues["validate"], config.ingest.store_timeout)
+        self.thread = write.StorageThread()
+        self.in_flight = write.InFlight()
+        self.decoder = codecs.Decoder(config.ingest.decode_workers)
+
+    @property
+    def capacity(self) -> int:
+        """The most items the pipeline holds at once (queues plus one batch per stage)."""
+        p = self.config.pipeline
+        return len(self.queues) * p.queue_size + len(self.queues) * p.batch_max
+
+    def depths(self) -> dict[str, int]:
+        return {name: q.qsize() for name, q in self.queues.items()}
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Pipeline]:
+        """Run the stages for the duration of the block; stop them in order after it."""
+        batch = self.config.pipeline.batch_max
+        q = self.queues
+        index_stage = IndexStage(
+            self.index, self.storage, self.thread, self.in_flight, self.config.ingest.duplicate_policy
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(
+                    validate.run(q["validate"], q["dedupe"], self.config.ingest, batch, self.decoder),
+                    name="validate",
+                )
+                group.create_task(
+                    dedupe.run(q["dedupe"], q["write"], self.index, self.config.ingest.duplicate_policy, batch),
+                    name="dedupe",
+                )
+                group.create_task(
+                    write.run(q["write"], q["index"], self.storage, self.thread, self.in_flight, batch),
+                    name="write",
+                )
+                group.create_task(index_stage.run(q["index"], batch), name="index")
+                try:
+                    yield self
+                finally:
+                    self.receiver.closed = True
+                    # Senders already blocked on the full first queue go in before Stop.
+                    while self.receiver.waiting:
+                        await asyncio.sleep(0.01)
+                    await q["validate"].put(STOP)
+        finally:
+            self.thread.close()
+            self.decoder.close()
+        log.info("pipeline stopped; every item received was answered")

@@ -1,0 +1,101 @@
+"""Start-up recovery: settle what an interrupted run left between write and commit.
+
+- Temp files in ``.incoming`` are removed (``StorageArea.prepare``).
+- Each journal left behind lists files renamed into place whose rows may not be
+  committed. A file that is indexed stays; a file whose UID is indexed with another
+  file is removed (a losing duplicate); a file with no row is indexed from its own
+  header, or quarantined if it does not parse.
+- After an unclean stop, every row whose file is missing is removed from the index
+  (with an error line each), so the engine never serves a row without a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from engine.duplicates import Decision
+from engine.index.base import InstanceRow
+from engine.index.sqlite import SQLiteIndex
+from engine.model import Rejection
+from engine.stages.validate import check_uids, extract
+from engine.storage.area import StorageArea
+
+log = logging.getLogger(__name__)
+
+
+def _row_from_file(path: Path, rel_path: str, entry: dict[str, Any]) -> InstanceRow:
+    ds = dcmread(path, stop_before_pixels=True)
+    check_uids(ds, str(ds.SOPClassUID), str(entry["sop_instance_uid"]))
+    return InstanceRow(
+        attributes=extract(ds),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        path=rel_path,
+        size=path.stat().st_size,
+        digest=str(entry["digest"]),
+        received_at=float(entry["received_at"]),
+        calling_ae=str(entry.get("calling_ae", "")),
+        called_ae=str(entry.get("called_ae", "")),
+        peer_ip=str(entry.get("peer_ip", "")),
+    )
+
+
+async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
+    """Settle every journal left behind; returns how many files were indexed."""
+    indexed = 0
+    for name, entries in storage.journals():
+        existing = await index.lookup([str(e["sop_instance_uid"]) for e in entries])
+        rows: list[InstanceRow] = []
+        removals: list[str] = []
+        for entry in entries:
+            rel_path = str(entry["path"])
+            path = storage.absolute(rel_path)
+            if not path.exists():
+                continue
+            found = existing.get(str(entry["sop_instance_uid"]))
+            if found is not None:
+                if found.path != rel_path:
+                    removals.append(rel_path)
+                continue
+            try:
+                rows.append(await asyncio.to_thread(_row_from_file, path, rel_path, entry))
+            except (Rejection, Exception) as exc:
+                log.error("recovery: %s does not parse (%s); removing it", rel_path, exc)
+                removals.append(rel_path)
+        if rows:
+            report = await index.commit_batch(
+                rows, [], lambda found, digest: Decision.NEW if found is None else Decision.KEEP
+            )
+            removals.extend(report.unreferenced)
+            indexed += sum(d is Decision.NEW for d in report.decisions)
+        await asyncio.to_thread(storage.remove, removals)
+        storage.end_journal(name)
+    if indexed:
+        log.warning("recovery: indexed %d files written before an interrupted commit", indexed)
+    return indexed
+
+
+async def drop_missing(storage: StorageArea, index: SQLiteIndex) -> int:
+    """Remove index rows whose file is gone; returns how many."""
+    rows = await index.paths()
+    log.info("checking that the %d indexed files exist (the last stop was not clean)", len(rows))
+
+    def missing() -> list[str]:
+        return [uid for uid, rel in rows if not storage.absolute(rel).exists()]
+
+    gone = await asyncio.to_thread(missing)
+    for uid in gone:
+        log.error("recovery: the file of %s is missing; removing its index row", uid)
+    if gone:
+        await index.forget(gone)
+    return len(gone)
+
+
+async def recover(storage: StorageArea, index: SQLiteIndex, was_clean: bool) -> None:
+    await replay_journals(storage, index)
+    if not was_clean:
+        await drop_missing(storage, index)

@@ -1,0 +1,72 @@
+"""Stage 3, dedupe: the fast path for a SOP Instance UID that is already stored.
+
+A scanner re-sending after a timeout is normal. Same UID and same bytes: success,
+nothing written. Same UID and other bytes: the configured policy. ``decide`` is
+the rule; this stage applies it against the index before anything is written,
+and the index stage applies it again inside its transaction, which makes the
+index the final judge (two associations sending the same UID at once both pass
+here, and the second is settled there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from engine.config import DuplicatePolicy
+from engine.duplicates import Decision, Existing, decide
+from engine.model import Outcome, Result
+from engine.stages.flow import Item, Stop, forward, take_batch
+
+log = logging.getLogger(__name__)
+
+
+class Lookup(Protocol):
+    async def lookup(self, sop_instance_uids: list[str]) -> dict[str, Existing]: ...
+
+
+def apply(item: Item, decision: Decision, existing: Existing | None) -> None:
+    """Resolve or reject the item when the decision ends its journey here."""
+    uid = item.received.sop_instance_uid
+    if decision is Decision.SAME:
+        assert existing is not None
+        item.resolve(Result(Outcome.ALREADY_STORED, "identical instance already stored", existing.path))
+    elif decision is Decision.KEEP:
+        assert existing is not None
+        log.warning("%s received again with different content; keeping the stored copy", uid)
+        item.resolve(
+            Result(Outcome.KEPT_EXISTING, "different instance with this UID kept", existing.path)
+        )
+    elif decision is Decision.REJECT:
+        log.warning("%s received again with different content; rejected by policy", uid)
+        item.reject(
+            Outcome.DUPLICATE_REJECTED,
+            "an instance with this SOP Instance UID and different content is already stored",
+        )
+
+
+async def run(
+    inbox: asyncio.Queue[Item | Stop],
+    outbox: asyncio.Queue[Item | Stop],
+    index: Lookup,
+    policy: DuplicatePolicy,
+    batch_max: int,
+) -> None:
+    while True:
+        batch, stop = await take_batch(inbox, batch_max)
+        candidates = [i for i in batch if i.validated is not None and i.rejection is None]
+        if candidates:
+            try:
+                existing = await index.lookup([i.received.sop_instance_uid for i in candidates])
+            except Exception:
+                # The index stage judges again; a failed fast path costs only a write.
+                log.exception("duplicate lookup failed; leaving the decision to the index")
+                existing = {}
+            for item in candidates:
+                assert item.validated is not None
+                found = existing.get(item.received.sop_instance_uid)
+                apply(item, decide(found, item.validated.digest, policy), found)
+        await forward(outbox, batch, stop)
+        if stop:
+            return

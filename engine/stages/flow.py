@@ -1,0 +1,85 @@
+"""What moves between the stages: ``Item``, the ``Stop`` marker, and batch taking.
+
+Batching is opportunistic: a stage waits for one item, then takes whatever else is
+already queued, up to a cap, and never sleeps to fill a batch. A lone scanner is
+never held back; under a burst batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from engine.model import Outcome, Received, Result, Validated
+
+
+class Stop:
+    """Passed down the queues at shutdown, after the last item."""
+
+
+STOP = Stop()
+
+
+@dataclass(eq=False, slots=True)
+class Item:
+    """One instance on its way through the pipeline, with the future its sender awaits.
+
+    ``rejection`` is set when a stage refused the item: later stages only
+    quarantine and count it. ``result`` is set when it is resolved.
+    """
+
+    received: Received
+    future: asyncio.Future[Result]
+    validated: Validated | None = None
+    rejection: Result | None = None
+    path: str | None = None  # relative path of the written file
+    quarantine_path: str | None = None  # relative to the quarantine folder
+    journal: str | None = None  # the write batch's journal name
+    notes: list[str] = field(default_factory=list)
+
+    def reject(self, outcome: Outcome, message: str) -> None:
+        if self.rejection is None:
+            self.rejection = Result(outcome, message)
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def resolve(self, result: Result) -> None:
+        """Complete the sender's future (on the loop's thread), once."""
+        if not self.future.done():
+            self.future.set_result(result)
+
+
+async def take_batch(
+    queue: asyncio.Queue[Item | Stop], cap: int
+) -> tuple[list[Item], bool]:
+    """Wait for one entry, then take what is already queued, up to ``cap`` items.
+
+    Returns the items and whether the Stop marker was seen (it is always last).
+    """
+    batch: list[Item] = []
+    entry = await queue.get()
+    while True:
+        if isinstance(entry, Stop):
+            return batch, True
+        batch.append(entry)
+        if len(batch) >= cap:
+            return batch, False
+        try:
+            entry = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return batch, False
+
+
+async def forward(outbox: asyncio.Queue[Item | Stop], batch: list[Item], stop: bool) -> None:
+    """Pass the unresolved items on, then the Stop marker if it was seen.
+
+    An item already answered (a duplicate, or a sender that gave up waiting) goes
+    no further, unless its file is written: then the index must still see it.
+    """
+    for item in batch:
+        if not item.done or item.path is not None:
+            await outbox.put(item)
+    if stop:
+        await outbox.put(STOP)

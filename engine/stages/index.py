@@ -1,0 +1,159 @@
+"""Stage 5, index: one writer, one transaction per batch; then every item is answered.
+
+A success status leaves only after the batch's files are in place (and synced,
+with fsync on) and its rows are committed. The index judges duplicates again
+inside the transaction: it is the final word when two associations send the
+same SOP Instance UID at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+
+from engine import status
+from engine.config import DuplicatePolicy
+from engine.duplicates import Decision, decide
+from engine.index.base import Decide, Index, InstanceRow, QuarantineRow
+from engine.model import Outcome, Result
+from engine.stages.flow import Item, Stop, take_batch
+from engine.stages.write import InFlight, StorageThread, quarantine
+from engine.storage.area import StorageArea
+
+log = logging.getLogger(__name__)
+
+_OUTCOME = {
+    Decision.NEW: Outcome.STORED,
+    Decision.SAME: Outcome.ALREADY_STORED,
+    Decision.KEEP: Outcome.KEPT_EXISTING,
+    Decision.OVERWRITE: Outcome.OVERWRITTEN,
+    Decision.REJECT: Outcome.DUPLICATE_REJECTED,
+}
+DUPLICATE_MESSAGE = "an instance with this SOP Instance UID and different content is already stored"
+
+
+def instance_row(item: Item, size: int) -> InstanceRow:
+    v = item.validated
+    assert v is not None and item.path is not None
+    origin = item.received.origin
+    return InstanceRow(
+        attributes=v.attributes,
+        transfer_syntax=v.payload_syntax,
+        path=item.path,
+        size=size,
+        digest=v.digest,
+        received_at=item.received.received_at,
+        calling_ae=origin.calling_ae,
+        called_ae=origin.called_ae,
+        peer_ip=origin.peer_ip,
+    )
+
+
+def quarantine_row(item: Item) -> QuarantineRow:
+    assert item.rejection is not None
+    r = item.received
+    return QuarantineRow(
+        path=item.quarantine_path,
+        outcome=item.rejection.outcome.value,
+        status=status.for_outcome(item.rejection.outcome),
+        reason=item.rejection.message,
+        sop_class_uid=r.sop_class_uid,
+        sop_instance_uid=r.sop_instance_uid,
+        transfer_syntax=r.transfer_syntax,
+        calling_ae=r.origin.calling_ae,
+        called_ae=r.origin.called_ae,
+        peer_ip=r.origin.peer_ip,
+        received_at=r.received_at,
+    )
+
+
+def file_size(storage: StorageArea, item: Item) -> int:
+    assert item.path is not None and item.validated is not None
+    return storage.absolute(item.path).stat().st_size
+
+
+class IndexStage:
+    def __init__(
+        self,
+        index: Index,
+        storage: StorageArea,
+        thread: StorageThread,
+        in_flight: InFlight,
+        policy: DuplicatePolicy,
+    ) -> None:
+        self.index = index
+        self.storage = storage
+        self.thread = thread
+        self.in_flight = in_flight
+        self.decide: Decide = lambda existing, digest: decide(existing, digest, policy)
+
+    async def commit(self, batch: list[Item]) -> None:
+        written = [i for i in batch if i.path is not None and i.rejection is None]
+        refused = [i for i in batch if i.rejection is not None]
+        quarantined = [i for i in refused if i.rejection and i.rejection.outcome.quarantines]
+        try:
+            sizes = await self.thread.run(
+                lambda: [file_size(self.storage, i) for i in written]
+            )
+            rows = [instance_row(item, size) for item, size in zip(written, sizes, strict=True)]
+            report = await self.index.commit_batch(
+                rows, [quarantine_row(i) for i in quarantined], self.decide
+            )
+        except Exception as exc:
+            # Files stay, journals stay: the start-up recovery settles them. Nothing
+            # here may delete a file another item could be committing right now.
+            full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+            log.exception("index commit failed for a batch of %d", len(batch))
+            outcome = Outcome.OUT_OF_RESOURCES if full else Outcome.PROCESSING_FAILURE
+            for item in batch:
+                if item.path is not None:
+                    self.in_flight.release(item.path)
+                    if item.journal is not None:
+                        self.in_flight.kept_journals.add(item.journal)
+                        self.in_flight.settle_journal(item.journal)
+                item.resolve(Result(outcome, f"the index could not commit: {exc}"))
+            return
+        finished_journals: set[str] = set()
+        for item in written:
+            assert item.path is not None and item.journal is not None
+            self.in_flight.release(item.path)
+            if self.in_flight.settle_journal(item.journal):
+                finished_journals.add(item.journal)
+        duplicates: list[Item] = []
+        for item, decision, existing in zip(written, report.decisions, report.existing, strict=True):
+            if decision is Decision.REJECT:
+                item.reject(Outcome.DUPLICATE_REJECTED, DUPLICATE_MESSAGE)
+                duplicates.append(item)
+            elif decision in (Decision.SAME, Decision.KEEP) and existing is not None:
+                item.resolve(Result(_OUTCOME[decision], "", existing.path))
+            else:
+                item.resolve(Result(_OUTCOME[decision], "", item.path))
+        removable = [p for p in report.unreferenced if not self.in_flight.holds(p)]
+        await self.thread.run(self._after_commit, removable, finished_journals, duplicates)
+        if duplicates:
+            await self.index.commit_batch([], [quarantine_row(i) for i in duplicates], self.decide)
+        for item in refused + duplicates:
+            assert item.rejection is not None
+            item.resolve(item.rejection)
+
+    def _after_commit(self, removable: list[str], journals: set[str], duplicates: list[Item]) -> None:
+        for item in duplicates:
+            quarantine(self.storage, item)
+        self.storage.remove(removable)
+        for journal in journals:
+            self.storage.end_journal(journal)
+
+    async def run(self, inbox: asyncio.Queue[Item | Stop], batch_max: int) -> None:
+        while True:
+            batch, stop = await take_batch(inbox, batch_max)
+            if batch:
+                try:
+                    await self.commit(batch)
+                except Exception as exc:  # a bug must not leave a scanner hanging
+                    log.exception("index stage failed after the commit")
+                    for item in batch:
+                        item.resolve(Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}"))
+            if stop:
+                return
+

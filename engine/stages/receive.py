@@ -1,0 +1,64 @@
+"""Stage 1, receive: the door between the network adapters' threads and the loop.
+
+An association thread builds a ``Received`` record and calls ``submit_from_thread``:
+one future per request, created on the loop, completed by the index stage; the
+thread blocks until then (or until the store timeout). Backpressure is the bounded
+first queue: when it is full, ``submit`` waits, so the scanner's C-STORE is
+answered later; past ``store_timeout`` it is answered "out of resources".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+
+from engine.model import Outcome, Received, Result
+from engine.stages.flow import Item, Stop
+
+log = logging.getLogger(__name__)
+
+
+class Receiver:
+    def __init__(self, queue: asyncio.Queue[Item | Stop], store_timeout: float) -> None:
+        self.queue = queue
+        self.store_timeout = store_timeout
+        self.loop = asyncio.get_running_loop()
+        self.in_pipeline = 0  # items put in the queue and not yet answered
+        self.waiting = 0  # submitters blocked on a full queue
+        self.closed = False
+
+    async def submit(self, received: Received) -> Result:
+        """Put one item into the pipeline and wait for its result (on the loop)."""
+        if self.closed:
+            return Result(Outcome.OUT_OF_RESOURCES, "the engine is shutting down")
+        item = Item(received, self.loop.create_future())
+        self.waiting += 1
+        try:
+            await self.queue.put(item)
+        finally:
+            self.waiting -= 1
+        self.in_pipeline += 1
+        try:
+            # Cancelled when the sender gives up: the item is then dropped at the
+            # next stage boundary unless its file is already written.
+            return await item.future
+        finally:
+            self.in_pipeline -= 1
+
+    def submit_from_thread(self, received: Received) -> Result:
+        """Called from an association thread; blocks it until the pipeline answers."""
+        future = asyncio.run_coroutine_threadsafe(self.submit(received), self.loop)
+        try:
+            return future.result(timeout=self.store_timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            log.error(
+                "no answer for %s within %.0f s; answering out of resources",
+                received.sop_instance_uid,
+                self.store_timeout,
+            )
+            return Result(Outcome.OUT_OF_RESOURCES, "the engine is overloaded; try again later")
+        except Exception as exc:
+            log.exception("pipeline failed for %s", received.sop_instance_uid)
+            return Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}")

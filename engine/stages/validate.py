@@ -1,0 +1,215 @@
+"""Stage 2, validate: parse the header only, check what a store needs, extract index keys.
+
+``validate`` is plain code over records (tested without a loop). ``run`` is the
+stage: it takes a batch from its queue, runs ``validate`` for the whole batch in
+a worker thread (parsing and hashing are CPU work that must not hold the event
+loop), sends compressed images to the decoder pool when the configuration asks
+for a pixel check or transcoding, and passes every item on. Rejected items keep
+flowing so the write stage can quarantine their bytes and the index can count
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import zlib
+from io import BytesIO
+from typing import Any
+
+import pydicom.config
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian, UID
+
+from engine import codecs
+from engine.attributes import ALL_KEYS, INTEGER_COLUMNS
+from engine.config import IngestConfig, Transcode
+from engine.model import Outcome, Received, Rejection, Validated
+from engine.stages.flow import Item, Stop, forward, take_batch
+
+log = logging.getLogger(__name__)
+
+# Scanners send values that break the letter of PS3.5 all the time (a trailing
+# space in an IS, a long LO). Such values are indexed as they are; they are not a
+# reason to refuse an image, and warnings must not reach the scanner as errors.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+KNOWN_SYNTAXES = frozenset(AllTransferSyntaxes)
+
+# Pixel data and what follows it are never parsed here.
+_PIXEL_TAGS = frozenset({Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009)})
+
+# PS3.5 9.1: digits and dots, components without leading zeros (tolerated here:
+# some scanners write them), at most 64 characters.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX = 64
+
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def is_well_formed_uid(value: str) -> bool:
+    return 0 < len(value) <= UID_MAX and _UID.match(value) is not None
+
+
+def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
+    """The dataset up to (not including) the pixel data, in the given syntax.
+
+    Raises ``Rejection`` for an unknown syntax or bytes that do not parse.
+    """
+    if transfer_syntax not in KNOWN_SYNTAXES:
+        raise Rejection(Outcome.UNSUPPORTED_SYNTAX, f"unknown transfer syntax {transfer_syntax}")
+    syntax = UID(transfer_syntax)
+    try:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+        ds = read_dataset(
+            BytesIO(data),
+            is_implicit_VR=syntax.is_implicit_VR,
+            is_little_endian=syntax.is_little_endian,
+            stop_when=_stop_at_pixels,
+        )
+        # Elements are decoded lazily; decode the ones we use now, inside the try.
+        _ = [ds.get(keyword) for keyword in ALL_KEYS.values()]
+    except Rejection:
+        raise
+    except Exception as exc:
+        raise Rejection(Outcome.CANNOT_UNDERSTAND, f"dataset does not parse: {exc}") from exc
+    if len(ds) == 0:
+        raise Rejection(Outcome.CANNOT_UNDERSTAND, "empty dataset")
+    return ds
+
+
+def _plain(value: Any, column: str) -> Any:
+    """An element value as the index stores it: text, or an integer where numeric."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, MultiValue | list):
+        if column in INTEGER_COLUMNS:
+            value = value[0] if len(value) else None
+            return _plain(value, column)
+        return "\\".join(str(v) for v in value)
+    if column in INTEGER_COLUMNS:
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            return None
+    return str(value).strip()
+
+
+def extract(ds: Dataset) -> dict[str, Any]:
+    """The values the index keeps, by column name. Requires the UIDs to be present."""
+    attributes: dict[str, Any] = {}
+    for column, keyword in ALL_KEYS.items():
+        attributes[column] = _plain(ds.get(keyword), column)
+    # Type 2 keys: the patient is keyed on (PatientID, Issuer); empty is a valid key.
+    attributes["patient_id"] = attributes["patient_id"] or ""
+    attributes["issuer_of_patient_id"] = attributes["issuer_of_patient_id"] or ""
+    return attributes
+
+
+def check_uids(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> None:
+    """The UIDs a store needs: present, well formed, equal to the request's."""
+    for keyword in REQUIRED_UIDS:
+        value = ds.get(keyword)
+        if value is None or str(value).strip() == "":
+            raise Rejection(Outcome.MISSING_ATTRIBUTE, f"{keyword} is missing or empty")
+        if not is_well_formed_uid(str(value).strip()):
+            raise Rejection(Outcome.INVALID_UID, f"{keyword} {str(value)!r} is not a valid UID")
+    if str(ds.SOPInstanceUID).strip() != sop_instance_uid:
+        raise Rejection(
+            Outcome.INSTANCE_MISMATCH,
+            f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's "
+            f"Affected SOP Instance UID {sop_instance_uid}",
+        )
+    if str(ds.SOPClassUID).strip() != sop_class_uid:
+        raise Rejection(
+            Outcome.SOP_CLASS_MISMATCH,
+            f"SOPClassUID {ds.SOPClassUID} differs from the request's "
+            f"Affected SOP Class UID {sop_class_uid}",
+        )
+
+
+def validate(received: Received) -> Validated:
+    """Header-only validation of one received instance. Raises ``Rejection``."""
+    if not received.data:
+        raise Rejection(Outcome.CANNOT_UNDERSTAND, "empty dataset")
+    ds = parse_header(received.data, received.transfer_syntax)
+    check_uids(ds, received.sop_class_uid, received.sop_instance_uid)
+    return Validated(
+        received=received,
+        attributes=extract(ds),
+        digest=hashlib.sha256(received.data).hexdigest(),
+        payload=received.data,
+        payload_syntax=received.transfer_syntax,
+    )
+
+
+def validate_batch(items: list[Item]) -> None:
+    """Validate each item in place: sets ``validated`` or ``rejection``."""
+    for item in items:
+        try:
+            item.validated = validate(item.received)
+        except Rejection as rejection:
+            item.reject(rejection.outcome, rejection.message)
+        except Exception as exc:  # a bug must not leave a scanner hanging
+            log.exception("validation failed unexpectedly for %s", item.received.sop_instance_uid)
+            item.reject(Outcome.PROCESSING_FAILURE, f"internal error in validation: {exc!r}")
+
+
+def needs_decoding(config: IngestConfig, transfer_syntax: str) -> bool:
+    """Whether this item goes through the decoder pool."""
+    if not codecs.is_compressed(transfer_syntax):
+        return False
+    return config.check_pixels or config.transcode is not Transcode.NONE
+
+
+async def _decode(item: Item, config: IngestConfig, decoder: codecs.Decoder) -> None:
+    validated = item.validated
+    assert validated is not None
+    transcode = config.transcode is Transcode.EXPLICIT_LITTLE
+    try:
+        payload, syntax = await decoder.process(validated.payload, validated.payload_syntax, transcode)
+    except codecs.DecodeError as exc:
+        item.reject(Outcome.CORRUPT_PIXEL_DATA, f"pixel data cannot be decoded: {exc}")
+        return
+    except Exception as exc:
+        log.exception("decoder failed for %s", item.received.sop_instance_uid)
+        item.reject(Outcome.PROCESSING_FAILURE, f"internal error in the decoder: {exc!r}")
+        return
+    validated.payload = payload
+    validated.payload_syntax = syntax
+
+
+async def run(
+    inbox: asyncio.Queue[Item | Stop],
+    outbox: asyncio.Queue[Item | Stop],
+    config: IngestConfig,
+    batch_max: int,
+    decoder: codecs.Decoder,
+) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        batch, stop = await take_batch(inbox, batch_max)
+        if batch:
+            await loop.run_in_executor(None, validate_batch, batch)
+            decoding = [
+                _decode(item, config, decoder)
+                for item in batch
+                if item.validated is not None
+                and item.rejection is None
+                and needs_decoding(config, item.validated.payload_syntax)
+            ]
+            if decoding:
+                await asyncio.gather(*decoding)
+        await forward(outbox, batch, stop)
+        if stop:
+            return

@@ -1,0 +1,204 @@
+"""Stage 4, write: Part 10 files into the storage area, journaled, synced per batch.
+
+All storage I/O runs on one thread (``StorageThread``): writes, quarantine and
+removals happen in order, so a removal can never race a rename of the same path.
+``InFlight`` counts files written but not yet committed; the index stage
+removes a file no row references only when no item in flight needs that path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from engine import status
+from engine.model import Outcome, Received
+from engine.stages.flow import Item, Stop, forward, take_batch
+from engine.storage import part10
+from engine.storage.area import PendingFile, StorageArea, is_out_of_space
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StorageThread:
+    """The one thread that touches the storage folder."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class InFlight:
+    """Files and journals between the write stage and the index commit (loop thread only).
+
+    ``paths`` counts items being written or waiting for their rows, by path;
+    ``journals`` counts the uncommitted items of each write batch's journal, which
+    is removed only when all of them are committed.
+    """
+
+    def __init__(self) -> None:
+        self.paths: Counter[str] = Counter()
+        self.journals: Counter[str] = Counter()
+        self.kept_journals: set[str] = set()  # a commit failed: leave them to recovery
+
+    def claim(self, path: str) -> None:
+        self.paths[path] += 1
+
+    def release(self, path: str) -> None:
+        self.paths[path] -= 1
+        if self.paths[path] <= 0:
+            del self.paths[path]
+
+    def holds(self, path: str) -> bool:
+        return path in self.paths
+
+    def settle_journal(self, journal: str) -> bool:
+        """One more item of this journal is committed; True when it was the last."""
+        self.journals[journal] -= 1
+        if self.journals[journal] > 0:
+            return False
+        del self.journals[journal]
+        if journal in self.kept_journals:
+            self.kept_journals.discard(journal)
+            return False
+        return True
+
+
+def quarantine_note(received: Received, outcome: Outcome, reason: str) -> dict[str, Any]:
+    origin = received.origin
+    return {
+        "reason": reason,
+        "outcome": outcome.value,
+        "status": f"0x{status.for_outcome(outcome):04X}",
+        "sop_class_uid": received.sop_class_uid,
+        "sop_instance_uid": received.sop_instance_uid,
+        "transfer_syntax": received.transfer_syntax,
+        "calling_ae": origin.calling_ae,
+        "called_ae": origin.called_ae,
+        "peer_ip": origin.peer_ip,
+        "peer_port": origin.peer_port,
+        "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(received.received_at)),
+        "size": len(received.data),
+    }
+
+
+def quarantine(storage: StorageArea, item: Item) -> None:
+    """Keep a rejected item's bytes, as a Part 10 file when its header can be built."""
+    assert item.rejection is not None
+    received = item.received
+    note = quarantine_note(received, item.rejection.outcome, item.rejection.message)
+    try:
+        head = part10.header(
+            received.sop_class_uid,
+            received.sop_instance_uid,
+            received.transfer_syntax,
+            received.origin.calling_ae,
+        )
+        chunks, suffix = (head, received.data), ".dcm"
+    except Exception:  # UIDs too broken to write a file meta header: keep the raw bytes
+        chunks, suffix = (received.data,), ".raw"
+    try:
+        item.quarantine_path = storage.quarantine(chunks, note, suffix)
+    except OSError as exc:
+        log.error("cannot quarantine %s: %s", received.sop_instance_uid, exc)
+    log.warning(
+        "rejected %s from %s (%s): %s",
+        received.sop_instance_uid,
+        received.origin.calling_ae,
+        received.origin.peer_ip,
+        item.rejection.message,
+    )
+
+
+def pending_file(storage: StorageArea, item: Item) -> PendingFile:
+    validated = item.validated
+    assert validated is not None
+    received = validated.received
+    origin = received.origin
+    rel_path = item.path
+    assert rel_path is not None
+    head = part10.header(
+        received.sop_class_uid, received.sop_instance_uid, validated.payload_syntax, origin.calling_ae
+    )
+    return PendingFile(
+        rel_path=rel_path,
+        chunks=(head, validated.payload),
+        journal_entry={
+            "path": rel_path,
+            "sop_instance_uid": received.sop_instance_uid,
+            "digest": validated.digest,
+            "received_at": received.received_at,
+            "calling_ae": origin.calling_ae,
+            "called_ae": origin.called_ae,
+            "peer_ip": origin.peer_ip,
+        },
+    )
+
+
+def write_batch(storage: StorageArea, items: list[Item]) -> None:
+    """Quarantine the rejected items, write the others; record results on the items."""
+    writes: list[tuple[Item, PendingFile]] = []
+    for item in items:
+        if item.rejection is not None:
+            if item.rejection.outcome.quarantines:
+                quarantine(storage, item)
+        elif item.path is not None:
+            writes.append((item, pending_file(storage, item)))
+    journal = storage.write_batch([pending for _, pending in writes])
+    for item, pending in writes:
+        if pending.error is None:
+            item.journal = journal
+            continue
+        outcome = Outcome.OUT_OF_RESOURCES if is_out_of_space(pending.error) else Outcome.PROCESSING_FAILURE
+        log.error("cannot write %s: %s", pending.rel_path, pending.error)
+        item.reject(outcome, f"cannot write the file: {pending.error.strerror or pending.error}")
+
+
+async def run(
+    inbox: asyncio.Queue[Item | Stop],
+    outbox: asyncio.Queue[Item | Stop],
+    storage: StorageArea,
+    thread: StorageThread,
+    in_flight: InFlight,
+    batch_max: int,
+) -> None:
+    while True:
+        batch, stop = await take_batch(inbox, batch_max)
+        if batch:
+            # Claim the paths before the storage thread sees the batch: from here on
+            # the index stage will not remove a file at these paths.
+            for item in batch:
+                if item.rejection is None and item.validated is not None:
+                    v = item.validated
+                    item.path = storage.instance_path(
+                        v.attributes["study_uid"], item.received.sop_instance_uid, v.digest
+                    )
+                    in_flight.claim(item.path)
+            try:
+                await thread.run(write_batch, storage, batch)
+            except Exception as exc:  # a bug must not leave a scanner hanging
+                log.exception("write stage failed")
+                for item in batch:
+                    item.reject(Outcome.PROCESSING_FAILURE, f"internal error in the write stage: {exc!r}")
+            for item in batch:
+                if item.path is None:
+                    continue
+                if item.journal is None:
+                    in_flight.release(item.path)  # not written
+                    item.path = None
+                else:
+                    in_flight.journals[item.journal] += 1
+        await forward(outbox, batch, stop)
+        if stop:
+            return

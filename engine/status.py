@@ -1,0 +1,47 @@
+"""Named DIMSE status codes (PS3.4 annex B.2.3, PS3.7 annex C) and Outcome -> status.
+
+Never write a status as a number anywhere else.
+"""
+
+from __future__ import annotations
+
+from engine.model import Outcome
+
+SUCCESS = 0x0000
+
+# PS3.7 C.4: general failures.
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+INVALID_OBJECT_INSTANCE = 0x0117
+MISSING_ATTRIBUTE = 0x0120
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+# PS3.4 B.2.3: Storage service class.
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+# 0xC000-0xCFFF is "Cannot understand"; the low bits are ours to name the reason.
+CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND_TRANSFER_SYNTAX = 0xC001
+CANNOT_UNDERSTAND_PIXEL_DATA = 0xC002
+
+_FOR_OUTCOME = {
+    Outcome.STORED: SUCCESS,
+    Outcome.ALREADY_STORED: SUCCESS,
+    Outcome.KEPT_EXISTING: SUCCESS,
+    Outcome.OVERWRITTEN: SUCCESS,
+    Outcome.DUPLICATE_REJECTED: DUPLICATE_SOP_INSTANCE,
+    Outcome.CANNOT_UNDERSTAND: CANNOT_UNDERSTAND,
+    Outcome.MISSING_ATTRIBUTE: MISSING_ATTRIBUTE,
+    Outcome.INVALID_UID: INVALID_OBJECT_INSTANCE,
+    Outcome.INSTANCE_MISMATCH: INVALID_OBJECT_INSTANCE,
+    Outcome.SOP_CLASS_MISMATCH: DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    Outcome.UNSUPPORTED_SYNTAX: CANNOT_UNDERSTAND_TRANSFER_SYNTAX,
+    Outcome.CORRUPT_PIXEL_DATA: CANNOT_UNDERSTAND_PIXEL_DATA,
+    Outcome.OUT_OF_RESOURCES: OUT_OF_RESOURCES,
+    Outcome.PROCESSING_FAILURE: PROCESSING_FAILURE,
+}
+
+
+def for_outcome(outcome: Outcome) -> int:
+    """The C-STORE-RSP status for an outcome."""
+    return _FOR_OUTCOME[outcome]
