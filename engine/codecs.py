@@ -71,7 +71,9 @@ class Decoder:
         self._workers = workers or os.cpu_count() or 1
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
-    async def process(self, data: bytes, transfer_syntax: str, transcode: bool) -> tuple[bytes, str]:
+    async def process(
+        self, data: bytes, transfer_syntax: str, transcode: bool
+    ) -> tuple[bytes, str]:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
             self._pool = concurrent.futures.ProcessPoolExecutor(self._workers, mp_context=context)

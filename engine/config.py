@@ -129,7 +129,7 @@ def from_mapping(raw: dict[str, Any], base: Path) -> Config:
     for name in REQUIRED_SECTIONS:
         if name not in raw:
             raise ConfigError(f"missing section [{name}]")
-    config = _build(Config, raw, "", base)
+    config: Config = _build(Config, raw, "", base)
     _check(config)
     return config
 
@@ -212,7 +212,9 @@ def _check(config: Config) -> None:
     if config.ingest.decode_workers < 0:
         raise ConfigError("'ingest.decode_workers' must be 0 (one per core) or more")
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"'log.level' must be DEBUG, INFO, WARNING or ERROR, not {config.log.level!r}")
+        raise ConfigError(
+            f"'log.level' must be DEBUG, INFO, WARNING or ERROR, not {config.log.level!r}"
+        )
 
 
 def describe(config: Config) -> dict[str, Any]:

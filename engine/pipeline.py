@@ -66,20 +66,34 @@ class Pipeline:
         batch = self.config.pipeline.batch_max
         q = self.queues
         index_stage = IndexStage(
-            self.index, self.storage, self.thread, self.in_flight, self.config.ingest.duplicate_policy
+            self.index,
+            self.storage,
+            self.thread,
+            self.in_flight,
+            self.config.ingest.duplicate_policy,
         )
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(
-                    validate.run(q["validate"], q["dedupe"], self.config.ingest, batch, self.decoder),
+                    validate.run(
+                        q["validate"], q["dedupe"], self.config.ingest, batch, self.decoder
+                    ),
                     name="validate",
                 )
                 group.create_task(
-                    dedupe.run(q["dedupe"], q["write"], self.index, self.config.ingest.duplicate_policy, batch),
+                    dedupe.run(
+                        q["dedupe"],
+                        q["write"],
+                        self.index,
+                        self.config.ingest.duplicate_policy,
+                        batch,
+                    ),
                     name="dedupe",
                 )
                 group.create_task(
-                    write.run(q["write"], q["index"], self.storage, self.thread, self.in_flight, batch),
+                    write.run(
+                        q["write"], q["index"], self.storage, self.thread, self.in_flight, batch
+                    ),
                     name="write",
                 )
                 group.create_task(index_stage.run(q["index"], batch), name="index")

@@ -17,6 +17,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -74,6 +75,7 @@ class StoreSCP:
         syntaxes = list(AllTransferSyntaxes)
         ae.add_supported_context(Verification, syntaxes)
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         self.ae = ae
         self.server: Any = None
@@ -83,7 +85,7 @@ class StoreSCP:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self.handle_accepted),
@@ -95,7 +97,10 @@ class StoreSCP:
         )
         log.info(
             "DICOM AE %s listening on %s:%d (up to %d associations)",
-            self.config.ae_title, self.config.host, self.port, self.config.maximum_associations,
+            self.config.ae_title,
+            self.config.host,
+            self.port,
+            self.config.maximum_associations,
         )
 
     def stop(self, grace: float) -> None:
@@ -119,6 +124,7 @@ class StoreSCP:
     def handle_store(self, event: evt.Event) -> int | Dataset:
         try:
             request = event.request
+            assert isinstance(request, C_STORE) and request.DataSet is not None
             received = Received(
                 origin=origin_of(event),
                 sop_class_uid=str(request.AffectedSOPClassUID),

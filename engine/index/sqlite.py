@@ -19,10 +19,10 @@ from typing import Any
 
 import aiosqlite
 
+from engine.attributes import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
 from engine.duplicates import Decision, Existing
 from engine.errors import IndexDatabaseError
 from engine.index.base import CommitReport, Decide, InstanceRow, QuarantineRow
-from engine.attributes import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,14 @@ _STUDY_COLS = [c for c in STUDY_KEYS] + ["patient_id", "issuer_of_patient_id"]
 _SERIES_COLS = [c for c in SERIES_KEYS] + ["study_uid"]
 _INSTANCE_COLS = [c for c in INSTANCE_KEYS] + ["series_uid", "study_uid"]
 _FILE_COLS = [
-    "transfer_syntax", "path", "size", "digest", "received_at", "calling_ae", "called_ae", "peer_ip",
+    "transfer_syntax",
+    "path",
+    "size",
+    "digest",
+    "received_at",
+    "calling_ae",
+    "called_ae",
+    "peer_ip",
 ]
 
 
@@ -59,8 +66,17 @@ _REPLACE_INSTANCE = (
 _INSERT_QUARANTINE = _insert(
     "quarantine",
     [
-        "path", "outcome", "status", "reason", "sop_class_uid", "sop_instance_uid",
-        "transfer_syntax", "calling_ae", "called_ae", "peer_ip", "received_at",
+        "path",
+        "outcome",
+        "status",
+        "reason",
+        "sop_class_uid",
+        "sop_instance_uid",
+        "transfer_syntax",
+        "calling_ae",
+        "called_ae",
+        "peer_ip",
+        "received_at",
     ],
 )
 _RECOUNT_SERIES = """
@@ -72,7 +88,8 @@ WHERE series_uid = ?1
 _RECOUNT_STUDY = """
 UPDATE studies SET
     num_series = (SELECT COUNT(*) FROM series WHERE series.study_uid = ?1 AND num_instances > 0),
-    num_instances = (SELECT COALESCE(SUM(num_instances), 0) FROM series WHERE series.study_uid = ?1),
+    num_instances = (
+        SELECT COALESCE(SUM(num_instances), 0) FROM series WHERE series.study_uid = ?1),
     modalities = (SELECT GROUP_CONCAT(modality, '\\') FROM (
         SELECT DISTINCT modality FROM series
         WHERE series.study_uid = ?1 AND modality IS NOT NULL AND num_instances > 0
@@ -134,7 +151,9 @@ class SQLiteIndex:
         for number, script in schema_scripts():
             if number > version:
                 log.info("applying index schema version %d", number)
-                await db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+                await db.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+                )
 
     async def close(self) -> None:
         for db in (self._reader, self._writer):
@@ -231,9 +250,7 @@ class SQLiteIndex:
                     touched_studies[a["study_uid"]] = row.received_at
             # A candidate path may have become the kept one again later in the batch.
             kept = {entry[1] for entry in found.values()}
-            report.unreferenced = [
-                p for p in dict.fromkeys(report.unreferenced) if p not in kept
-            ]
+            report.unreferenced = [p for p in dict.fromkeys(report.unreferenced) if p not in kept]
             written = inserts + replaces
             if written:
                 await db.executemany(
@@ -254,13 +271,16 @@ class SQLiteIndex:
                 await db.executemany(_INSERT_INSTANCE, [_instance_values(r) for r in inserts])
             if replaces:
                 await db.executemany(
-                    _REPLACE_INSTANCE, [[*_instance_values(r), r.sop_instance_uid] for r in replaces]
+                    _REPLACE_INSTANCE,
+                    [[*_instance_values(r), r.sop_instance_uid] for r in replaces],
                 )
             if touched_series:
                 await db.executemany(_RECOUNT_SERIES, list(touched_series.items()))
                 await db.executemany(_RECOUNT_STUDY, list(touched_studies.items()))
             if quarantined:
-                await db.executemany(_INSERT_QUARANTINE, [_quarantine_values(q) for q in quarantined])
+                await db.executemany(
+                    _INSERT_QUARANTINE, [_quarantine_values(q) for q in quarantined]
+                )
             await db.execute("COMMIT")
         except BaseException:
             try:
@@ -285,9 +305,15 @@ class SQLiteIndex:
             series = {v[2] for v in found.values()}
             studies = {v[3] for v in found.values()}
             await db.executemany(_RECOUNT_SERIES, [(s, 0.0) for s in series])
-            await db.executemany("DELETE FROM series WHERE series_uid = ? AND num_instances = 0", [[s] for s in series])
+            await db.executemany(
+                "DELETE FROM series WHERE series_uid = ? AND num_instances = 0",
+                [[s] for s in series],
+            )
             await db.executemany(_RECOUNT_STUDY, [(s, 0.0) for s in studies])
-            await db.executemany("DELETE FROM studies WHERE study_uid = ? AND num_instances = 0", [[s] for s in studies])
+            await db.executemany(
+                "DELETE FROM studies WHERE study_uid = ? AND num_instances = 0",
+                [[s] for s in studies],
+            )
             await db.execute(
                 "DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM studies WHERE "
                 "studies.patient_id = patients.patient_id AND "
@@ -303,15 +329,30 @@ def _instance_values(row: InstanceRow) -> list[Any]:
     a = row.attributes
     return [
         *(a[c] for c in _INSTANCE_COLS),
-        row.transfer_syntax, row.path, row.size, row.digest, row.received_at,
-        row.calling_ae, row.called_ae, row.peer_ip,
+        row.transfer_syntax,
+        row.path,
+        row.size,
+        row.digest,
+        row.received_at,
+        row.calling_ae,
+        row.called_ae,
+        row.peer_ip,
     ]
 
 
 def _quarantine_values(q: QuarantineRow) -> list[Any]:
     return [
-        q.path, q.outcome, q.status, q.reason, q.sop_class_uid, q.sop_instance_uid,
-        q.transfer_syntax, q.calling_ae, q.called_ae, q.peer_ip, q.received_at,
+        q.path,
+        q.outcome,
+        q.status,
+        q.reason,
+        q.sop_class_uid,
+        q.sop_instance_uid,
+        q.transfer_syntax,
+        q.calling_ae,
+        q.called_ae,
+        q.peer_ip,
+        q.received_at,
     ]
 
 

@@ -31,7 +31,9 @@ def apply(item: Item, decision: Decision, existing: Existing | None) -> None:
     uid = item.received.sop_instance_uid
     if decision is Decision.SAME:
         assert existing is not None
-        item.resolve(Result(Outcome.ALREADY_STORED, "identical instance already stored", existing.path))
+        item.resolve(
+            Result(Outcome.ALREADY_STORED, "identical instance already stored", existing.path)
+        )
     elif decision is Decision.KEEP:
         assert existing is not None
         log.warning("%s received again with different content; keeping the stored copy", uid)

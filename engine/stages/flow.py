@@ -51,9 +51,7 @@ class Item:
             self.future.set_result(result)
 
 
-async def take_batch(
-    queue: asyncio.Queue[Item | Stop], cap: int
-) -> tuple[list[Item], bool]:
+async def take_batch(queue: asyncio.Queue[Item | Stop], cap: int) -> tuple[list[Item], bool]:
     """Wait for one entry, then take what is already queued, up to ``cap`` items.
 
     Returns the items and whether the Stop marker was seen (it is always last).

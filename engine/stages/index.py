@@ -93,9 +93,7 @@ class IndexStage:
         refused = [i for i in batch if i.rejection is not None]
         quarantined = [i for i in refused if i.rejection and i.rejection.outcome.quarantines]
         try:
-            sizes = await self.thread.run(
-                lambda: [file_size(self.storage, i) for i in written]
-            )
+            sizes = await self.thread.run(lambda: [file_size(self.storage, i) for i in written])
             rows = [instance_row(item, size) for item, size in zip(written, sizes, strict=True)]
             report = await self.index.commit_batch(
                 rows, [quarantine_row(i) for i in quarantined], self.decide
@@ -121,7 +119,9 @@ class IndexStage:
             if self.in_flight.settle_journal(item.journal):
                 finished_journals.add(item.journal)
         duplicates: list[Item] = []
-        for item, decision, existing in zip(written, report.decisions, report.existing, strict=True):
+        for item, decision, existing in zip(
+            written, report.decisions, report.existing, strict=True
+        ):
             if decision is Decision.REJECT:
                 item.reject(Outcome.DUPLICATE_REJECTED, DUPLICATE_MESSAGE)
                 duplicates.append(item)
@@ -137,7 +137,9 @@ class IndexStage:
             assert item.rejection is not None
             item.resolve(item.rejection)
 
-    def _after_commit(self, removable: list[str], journals: set[str], duplicates: list[Item]) -> None:
+    def _after_commit(
+        self, removable: list[str], journals: set[str], duplicates: list[Item]
+    ) -> None:
         for item in duplicates:
             quarantine(self.storage, item)
         self.storage.remove(removable)
@@ -156,4 +158,3 @@ class IndexStage:
                         item.resolve(Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}"))
             if stop:
                 return
-

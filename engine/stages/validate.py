@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian, UID
+from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 
 from engine import codecs
 from engine.attributes import ALL_KEYS, INTEGER_COLUMNS
@@ -177,7 +177,9 @@ async def _decode(item: Item, config: IngestConfig, decoder: codecs.Decoder) -> 
     assert validated is not None
     transcode = config.transcode is Transcode.EXPLICIT_LITTLE
     try:
-        payload, syntax = await decoder.process(validated.payload, validated.payload_syntax, transcode)
+        payload, syntax = await decoder.process(
+            validated.payload, validated.payload_syntax, transcode
+        )
     except codecs.DecodeError as exc:
         item.reject(Outcome.CORRUPT_PIXEL_DATA, f"pixel data cannot be decoded: {exc}")
         return

@@ -105,7 +105,8 @@ def quarantine(storage: StorageArea, item: Item) -> None:
             received.transfer_syntax,
             received.origin.calling_ae,
         )
-        chunks, suffix = (head, received.data), ".dcm"
+        chunks: tuple[bytes, ...] = (head, received.data)
+        suffix = ".dcm"
     except Exception:  # UIDs too broken to write a file meta header: keep the raw bytes
         chunks, suffix = (received.data,), ".raw"
     try:
@@ -129,7 +130,10 @@ def pending_file(storage: StorageArea, item: Item) -> PendingFile:
     rel_path = item.path
     assert rel_path is not None
     head = part10.header(
-        received.sop_class_uid, received.sop_instance_uid, validated.payload_syntax, origin.calling_ae
+        received.sop_class_uid,
+        received.sop_instance_uid,
+        validated.payload_syntax,
+        origin.calling_ae,
     )
     return PendingFile(
         rel_path=rel_path,
@@ -160,7 +164,11 @@ def write_batch(storage: StorageArea, items: list[Item]) -> None:
         if pending.error is None:
             item.journal = journal
             continue
-        outcome = Outcome.OUT_OF_RESOURCES if is_out_of_space(pending.error) else Outcome.PROCESSING_FAILURE
+        outcome = (
+            Outcome.OUT_OF_RESOURCES
+            if is_out_of_space(pending.error)
+            else Outcome.PROCESSING_FAILURE
+        )
         log.error("cannot write %s: %s", pending.rel_path, pending.error)
         item.reject(outcome, f"cannot write the file: {pending.error.strerror or pending.error}")
 
@@ -190,7 +198,9 @@ async def run(
             except Exception as exc:  # a bug must not leave a scanner hanging
                 log.exception("write stage failed")
                 for item in batch:
-                    item.reject(Outcome.PROCESSING_FAILURE, f"internal error in the write stage: {exc!r}")
+                    item.reject(
+                        Outcome.PROCESSING_FAILURE, f"internal error in the write stage: {exc!r}"
+                    )
             for item in batch:
                 if item.path is None:
                     continue

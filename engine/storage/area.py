@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -179,10 +180,8 @@ class StorageArea:
             missing.append(walk)
             walk = walk.parent
         for folder in reversed(missing):
-            try:
+            with contextlib.suppress(FileExistsError):
                 folder.mkdir()
-            except FileExistsError:
-                pass
         return [folder.parent for folder in missing]
 
     def _write_journal(self, name: str, entries: list[dict[str, Any]]) -> None:

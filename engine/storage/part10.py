@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 
 # Under pydicom's UID root, which its users may extend; identifies files we wrote.
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.7301.1"
@@ -20,10 +21,10 @@ def header(
 ) -> bytes:
     """Preamble, prefix and file meta group for one instance."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     if source_ae:
         meta.SourceApplicationEntityTitle = source_ae

@@ -1,0 +1,241 @@
+"""Test helpers: a real engine process on 127.0.0.1, synthetic datasets, dcmtk calls."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def write_config(folder: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(v)}" for key, v in values.items())
+    path = folder / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Engine:
+    """``python -m engine serve`` in a subprocess, on an ephemeral port of 127.0.0.1."""
+
+    folder: Path
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ae_title: str = "ENGINE"
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    config_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        sections: dict[str, dict[str, Any]] = {
+            "dicom": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port},
+            "storage": {"path": "storage"},
+            "index": {"path": "index.sqlite"},
+        }
+        for section, values in self.overrides.items():
+            sections.setdefault(section, {}).update(values)
+        self.config_path = write_config(self.folder, sections)
+
+    @property
+    def storage(self) -> Path:
+        return self.folder / "storage"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.storage / ".quarantine"
+
+    @property
+    def index_path(self) -> Path:
+        return self.folder / "index.sqlite"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "engine.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self) -> Engine:
+        assert self.process is None
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "engine", "serve", "--config", str(self.config_path)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"engine exited at start:\n{self.log()}")
+            if "engine ready" in self.log():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"engine did not start in {START_TIMEOUT}s:\n{self.log()}")
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the graceful path."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(STOP_TIMEOUT)
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: the crash path."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT)
+            self.process = None
+
+    def stats(self) -> dict[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-m", "engine", "stats", "--config", str(self.config_path)],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        result: dict[str, int] = orjson.loads(out.stdout)
+        return result
+
+    def stored_files(self) -> list[Path]:
+        return sorted(
+            p
+            for p in self.storage.rglob("*.dcm")
+            if not any(part.startswith(".") for part in p.relative_to(self.storage).parts)
+        )
+
+    def quarantine_notes(self) -> list[dict[str, Any]]:
+        return [orjson.loads(p.read_bytes()) for p in sorted(self.quarantine.rglob("*.json"))]
+
+
+def dcmtk_env() -> dict[str, str]:
+    """dcmtk leaves Nagle's algorithm on unless told: 45 ms per message otherwise."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def storescu(
+    engine: Engine, *inputs: str, options: tuple[str, ...] = ("+sd", "+r"), check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu: one association sending ``inputs`` (files or folders)."""
+    return subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            "TESTSCU",
+            "-aec",
+            engine.ae_title,
+            *options,
+            "127.0.0.1",
+            str(engine.port),
+            *inputs,
+        ],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=check,
+    )
+
+
+def ct_dataset(
+    study_uid: str,
+    series_uid: str,
+    number: int,
+    *,
+    patient_id: str = "PAT001",
+    patient_name: str = "Test^Patient",
+    size: int = 32,
+    seed: int = 0,
+) -> Dataset:
+    """A small but complete CT image with non-constant pixel data."""
+    rng = np.random.default_rng(seed * 100003 + number)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyDate = "20261126"
+    ds.StudyTime = "101010"
+    ds.AccessionNumber = "ACC" + study_uid[-6:]
+    ds.StudyID = "1"
+    ds.StudyDescription = "CT test study"
+    ds.Modality = "CT"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = [0.0, 0.0, float(number)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [0.7, 0.7]
+    ds.SliceThickness = 1.0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = size
+    ds.Columns = size
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.PixelData = rng.integers(-1000, 2000, (size, size), dtype=np.int16).tobytes()
+    return ds
+
+
+def write_study(
+    folder: Path, n_series: int = 2, n_instances: int = 5, seed: int = 0, **kwargs: Any
+) -> list[Dataset]:
+    """A study as Part 10 files under ``folder``; returns the datasets."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = generate_uid()
+    datasets = []
+    for s in range(n_series):
+        series_uid = generate_uid()
+        for i in range(1, n_instances + 1):
+            ds = ct_dataset(study_uid, series_uid, i, seed=seed + s, **kwargs)
+            ds.SeriesNumber = s + 1
+            ds.save_as(folder / f"s{s}_{i:04d}.dcm", enforce_file_format=True)
+            datasets.append(ds)
+    return datasets
