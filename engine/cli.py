@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -29,8 +30,15 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path("config.toml")
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
-    """Run the engine until ``stop`` is set; then drain, answer and close cleanly."""
+async def serve(
+    config: Config,
+    stop: asyncio.Event,
+    on_ready: Callable[[Pipeline, StoreSCP], None] | None = None,
+) -> None:
+    """Run the engine until ``stop`` is set; then drain, answer and close cleanly.
+
+    ``on_ready`` is called once the server listens (tests use it to watch the pipeline).
+    """
     storage = StorageArea(config.storage.path, config.storage.quarantine, config.storage.fsync)
     was_clean = await asyncio.to_thread(storage.prepare)
     index = SQLiteIndex(config.index.path, durable=config.storage.fsync)
@@ -42,6 +50,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             scp = StoreSCP(config.dicom, pipeline.receiver)
             await asyncio.to_thread(scp.start)
             log.info("engine ready: storage %s, index %s", storage.root, index.path)
+            if on_ready is not None:
+                on_ready(pipeline, scp)
             await stop.wait()
             log.info("stopping: no new associations; finishing what is in flight")
             await asyncio.to_thread(scp.stop, config.dicom.shutdown_grace)

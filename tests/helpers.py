@@ -141,7 +141,13 @@ class Engine:
         )
 
     def quarantine_notes(self) -> list[dict[str, Any]]:
-        return [orjson.loads(p.read_bytes()) for p in sorted(self.quarantine.rglob("*.json"))]
+        """The JSON notes of the quarantine; ``_data`` is the path of the kept bytes."""
+        notes = []
+        for path in sorted(self.quarantine.rglob("*.json")):
+            note = orjson.loads(path.read_bytes())
+            note["_data"] = path.parent / note["file"]
+            notes.append(note)
+        return notes
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -239,3 +245,25 @@ def write_study(
             ds.save_as(folder / f"s{s}_{i:04d}.dcm", enforce_file_format=True)
             datasets.append(ds)
     return datasets
+
+
+def send_datasets(
+    engine: Engine, datasets: list[Dataset], calling_ae: str = "PYSCU"
+) -> list[tuple[str, int]]:
+    """One pynetdicom association sending ``datasets``; (SOP Instance UID, status) each."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    for syntax in {str(ds.SOPClassUID) for ds in datasets}:
+        ae.add_requested_context(syntax, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", engine.port, ae_title=engine.ae_title)
+    assert assoc.is_established, "association refused"
+    results: list[tuple[str, int]] = []
+    try:
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            results.append((str(ds.SOPInstanceUID), int(rsp.Status) if "Status" in rsp else -1))
+    finally:
+        assoc.release()
+    return results

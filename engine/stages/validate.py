@@ -20,6 +20,7 @@ from io import BytesIO
 from typing import Any
 
 import pydicom.config
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -43,6 +44,7 @@ KNOWN_SYNTAXES = frozenset(AllTransferSyntaxes)
 
 # Pixel data and what follows it are never parsed here.
 _PIXEL_TAGS = frozenset({Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009)})
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 # PS3.5 9.1: digits and dots, components without leading zeros (tolerated here:
 # some scanners write them), at most 64 characters.
@@ -60,10 +62,18 @@ def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag in _PIXEL_TAGS
 
 
+def _truncated(what: str, declared: int, present: int) -> Rejection:
+    return Rejection(
+        Outcome.CANNOT_UNDERSTAND,
+        f"dataset is truncated: {what} declares {declared} bytes, {present} follow",
+    )
+
+
 def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
     """The dataset up to (not including) the pixel data, in the given syntax.
 
-    Raises ``Rejection`` for an unknown syntax or bytes that do not parse.
+    Raises ``Rejection`` for an unknown syntax or bytes that do not parse,
+    including a dataset cut short (pydicom reads a short value silently).
     """
     if transfer_syntax not in KNOWN_SYNTAXES:
         raise Rejection(Outcome.UNSUPPORTED_SYNTAX, f"unknown transfer syntax {transfer_syntax}")
@@ -71,12 +81,32 @@ def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
     try:
         if syntax == DeflatedExplicitVRLittleEndian:
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+        stream = BytesIO(data)
+
+        def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
+            if not _stop_at_pixels(tag, vr, length):
+                return False
+            present = len(data) - stream.tell()
+            if length != _UNDEFINED_LENGTH and length > present:
+                raise _truncated(f"element {tag}", length, present)
+            return True
+
         ds = read_dataset(
-            BytesIO(data),
+            stream,
             is_implicit_VR=syntax.is_implicit_VR,
             is_little_endian=syntax.is_little_endian,
-            stop_when=_stop_at_pixels,
+            stop_when=stop,
         )
+        if len(ds) and stream.tell() == len(data):
+            # Read to the end: only the last value (highest tag) can have been cut short.
+            last = ds.get_item(max(ds.keys()))
+            if (
+                isinstance(last, RawDataElement)
+                and last.length != _UNDEFINED_LENGTH
+                and last.value is not None
+                and len(last.value) < last.length
+            ):
+                raise _truncated(f"element {last.tag}", last.length, len(last.value))
         # Elements are decoded lazily; decode the ones we use now, inside the try.
         _ = [ds.get(keyword) for keyword in ALL_KEYS.values()]
     except Rejection:

@@ -167,7 +167,8 @@ class StorageArea:
     def _fail(pending: PendingFile, exc: OSError) -> None:
         pending.error = exc
         if pending._temp is not None:
-            pending._temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                pending._temp.unlink(missing_ok=True)
             pending._temp = None
 
     def _make_dirs(self, directory: Path) -> list[Path]:
