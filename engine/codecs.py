@@ -15,13 +15,28 @@ import multiprocessing
 import os
 from io import BytesIO
 
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 log = logging.getLogger(__name__)
+
+# JPEG, JPEG-LS and JPEG 2000 codestreams all end with the marker FFD9 (EOI, EOC).
+# libjpeg decodes a JPEG or JPEG-LS stream that is cut short without complaint
+# (the missing rows come out grey), so the check looks for the marker itself.
+_END_MARKER = b"\xff\xd9"
+_MARKER_ENDED = frozenset(
+    [*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes]
+)
 
 
 class DecodeError(Exception):
@@ -34,6 +49,19 @@ def is_compressed(transfer_syntax: str) -> bool:
         return bool(UID(transfer_syntax).is_compressed)
     except ValueError:
         return False
+
+
+def check_end_markers(ds: Dataset) -> None:
+    """Raise ``DecodeError`` when a frame's codestream lacks its end marker (truncated).
+
+    Padding after the marker (0x00 to an even length, or 0xFF fill bytes) is allowed.
+    """
+    count = int(ds.get("NumberOfFrames") or 1)
+    for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=count), 1):
+        if not frame.rstrip(b"\x00\xff").endswith(_END_MARKER):
+            raise DecodeError(
+                f"frame {number} of {count} is truncated: no end-of-image marker (FFD9)"
+            )
 
 
 def decode_payload(data: bytes, transfer_syntax: str, transcode: bool) -> tuple[bytes, str]:
@@ -50,10 +78,14 @@ def decode_payload(data: bytes, transfer_syntax: str, transcode: bool) -> tuple[
     if "PixelData" not in ds:
         return data, transfer_syntax
     try:
+        if syntax in _MARKER_ENDED:
+            check_end_markers(ds)
         if not transcode:
             ds.pixel_array  # noqa: B018 - decoding all frames is the check
             return data, transfer_syntax
         ds.decompress(generate_instance_uid=False)
+    except DecodeError:
+        raise
     except Exception as exc:
         raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
     out = DicomBytesIO()

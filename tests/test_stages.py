@@ -1,0 +1,249 @@
+"""Stage logic without sockets: validate, the duplicate rule, batching, storage, index."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+from engine import status
+from engine.config import DuplicatePolicy
+from engine.duplicates import Decision, Existing, decide
+from engine.index.base import InstanceRow, QuarantineRow
+from engine.index.sqlite import SQLiteIndex
+from engine.model import Origin, Outcome, Received, Rejection
+from engine.stages.flow import STOP, Item, Stop, take_batch
+from engine.stages.validate import validate
+from engine.storage.area import PendingFile, StorageArea
+from tests.helpers import ct_dataset
+
+ORIGIN = Origin("127.0.0.1", 4000, "SCANNER", "ENGINE")
+
+
+def encode(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = syntax != ExplicitVRBigEndian
+    buffer.is_implicit_VR = syntax == ImplicitVRLittleEndian
+    write_dataset(buffer, ds)
+    data = buffer.getvalue()
+    if syntax == DeflatedExplicitVRLittleEndian:
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        data = packer.compress(data) + packer.flush()
+    return data
+
+
+def received(
+    ds: Dataset, syntax: str = ExplicitVRLittleEndian, data: bytes | None = None
+) -> Received:
+    return Received(
+        origin=ORIGIN,
+        sop_class_uid=str(ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2")),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "1.2.3")),
+        transfer_syntax=syntax,
+        data=encode(ds, syntax) if data is None else data,
+        received_at=time.time(),
+        started=time.monotonic(),
+    )
+
+
+def sample() -> Dataset:
+    return ct_dataset(generate_uid(), generate_uid(), 7, patient_name="Yamada^Tarou")
+
+
+# -- validate -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        DeflatedExplicitVRLittleEndian,
+    ],
+)
+def test_validate_extracts_index_keys_in_every_uncompressed_syntax(syntax: str) -> None:
+    ds = sample()
+    item = received(ds, syntax)
+    v = validate(item)
+    assert v.attributes["sop_instance_uid"] == ds.SOPInstanceUID
+    assert v.attributes["study_uid"] == ds.StudyInstanceUID
+    assert v.attributes["series_uid"] == ds.SeriesInstanceUID
+    assert v.attributes["patient_name"] == "Yamada^Tarou"
+    assert v.attributes["instance_number"] == 7
+    assert v.attributes["rows"] == 32
+    assert v.attributes["modality"] == "CT"
+    assert v.digest == hashlib.sha256(item.data).hexdigest()
+    assert v.payload is item.data  # stored as received, no copy
+    assert v.payload_syntax == syntax
+
+
+def _outcome_of(item: Received) -> Outcome:
+    with pytest.raises(Rejection) as caught:
+        validate(item)
+    return caught.value.outcome
+
+
+def test_validate_rejects_what_a_store_cannot_use() -> None:
+    ds = sample()
+    assert _outcome_of(received(ds, data=b"")) is Outcome.CANNOT_UNDERSTAND
+    assert _outcome_of(received(ds, data=b"\x08\x00\x16\x00UI\xff\x7f" + b"x" * 8)) is (
+        Outcome.CANNOT_UNDERSTAND
+    )
+    assert _outcome_of(received(ds, syntax="1.2.3.4.5.6")) is Outcome.UNSUPPORTED_SYNTAX
+
+    missing = sample()
+    del missing.SeriesInstanceUID
+    assert _outcome_of(received(missing)) is Outcome.MISSING_ATTRIBUTE
+
+    malformed = sample()
+    malformed.StudyInstanceUID = "1.2.abc.4"
+    assert _outcome_of(received(malformed)) is Outcome.INVALID_UID
+
+    other = received(sample())
+    other.sop_instance_uid = generate_uid()
+    assert _outcome_of(other) is Outcome.INSTANCE_MISMATCH
+
+    wrong_class = received(sample())
+    wrong_class.sop_class_uid = "1.2.840.10008.5.1.4.1.1.4"  # MR, dataset says CT
+    assert _outcome_of(wrong_class) is Outcome.SOP_CLASS_MISMATCH
+
+
+def test_every_outcome_has_a_named_status() -> None:
+    for outcome in Outcome:
+        code = status.for_outcome(outcome)
+        assert (code == status.SUCCESS) == outcome.is_success
+    assert status.for_outcome(Outcome.DUPLICATE_REJECTED) == status.DUPLICATE_SOP_INSTANCE
+    assert status.for_outcome(Outcome.OUT_OF_RESOURCES) == status.OUT_OF_RESOURCES
+
+
+# -- the duplicate rule -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (DuplicatePolicy.KEEP, Decision.KEEP),
+        (DuplicatePolicy.OVERWRITE, Decision.OVERWRITE),
+        (DuplicatePolicy.REJECT, Decision.REJECT),
+    ],
+)
+def test_decide(policy: DuplicatePolicy, expected: Decision) -> None:
+    stored = Existing(digest="aa", path="p")
+    assert decide(None, "aa", policy) is Decision.NEW
+    assert decide(stored, "aa", policy) is Decision.SAME
+    assert decide(stored, "bb", policy) is expected
+
+
+# -- batching -----------------------------------------------------------------------
+
+
+def test_take_batch_takes_what_is_queued_and_never_waits_to_fill() -> None:
+    async def scenario() -> None:
+        queue: asyncio.Queue[Item | Stop] = asyncio.Queue(10)
+        loop = asyncio.get_running_loop()
+        items = [Item(received(sample()), loop.create_future()) for _ in range(5)]
+        await queue.put(items[0])
+        # One item queued: the batch is that item, at once.
+        assert await asyncio.wait_for(take_batch(queue, 64), 1.0) == ([items[0]], False)
+        for item in items[1:]:
+            await queue.put(item)
+        await queue.put(STOP)
+        assert await take_batch(queue, 3) == (items[1:4], False)  # capped
+        assert await take_batch(queue, 3) == ([items[4]], True)  # Stop comes last
+
+    asyncio.run(scenario())
+
+
+# -- storage ------------------------------------------------------------------------
+
+
+def test_write_batch_places_files_and_journals_them(tmp_path: Path) -> None:
+    area = StorageArea(tmp_path / "st", tmp_path / "q", fsync=True)
+    assert area.prepare() is False  # first start: no clean-shutdown mark yet
+    rel = area.instance_path("1.2.3", "1.2.3.4", "ab" * 32)
+    good = PendingFile(rel, (b"head", b"body"), {"path": rel})
+    bad = PendingFile("../outside/../../" + "x" * 300, (b"x",), {"path": "bad"})
+    journal = area.write_batch([good, bad])
+    assert journal is not None
+    assert (area.root / rel).read_bytes() == b"headbody"
+    assert good.error is None and bad.error is not None
+    assert [entries for _, entries in area.journals()] == [[{"path": rel}, {"path": "bad"}]]
+    assert list(area.incoming.iterdir()) == []  # no temp file left, even for the failure
+    area.end_journal(journal)
+    assert list(area.journals()) == []
+    area.mark_clean()
+    assert area.prepare() is True
+
+
+# -- index --------------------------------------------------------------------------
+
+
+def _row(ds: Dataset, digest: str, path: str) -> InstanceRow:
+    v = validate(received(ds))
+    return InstanceRow(
+        v.attributes, ExplicitVRLittleEndian, path, 100, digest, time.time(), "S", "E", "ip"
+    )
+
+
+def test_index_judges_duplicates_inside_one_batch(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        index = SQLiteIndex(tmp_path / "i.sqlite", durable=True)
+        await index.open()
+        try:
+            a, b = sample(), sample()
+            b.StudyInstanceUID = a.StudyInstanceUID
+            rows = [
+                _row(a, "d1", "p1"),
+                _row(a, "d1", "p1"),
+                _row(a, "d2", "p2"),
+                _row(b, "d3", "p3"),
+            ]
+
+            def overwrite(existing: Existing | None, digest: str) -> Decision:
+                return decide(existing, digest, DuplicatePolicy.OVERWRITE)
+
+            q = QuarantineRow(
+                None, "cannot understand", 0xC000, "bad", "", "", "", "S", "E", "ip", 0.0
+            )
+            report = await index.commit_batch(rows, [q], overwrite)
+            assert report.decisions == [
+                Decision.NEW,
+                Decision.SAME,
+                Decision.OVERWRITE,
+                Decision.NEW,
+            ]
+            assert report.unreferenced == ["p1"]  # replaced within the batch
+            assert await index.lookup([a.SOPInstanceUID]) == {
+                a.SOPInstanceUID: Existing("d2", "p2")
+            }
+            assert await index.stats() == {
+                "patients": 1,
+                "studies": 1,
+                "series": 2,
+                "instances": 2,
+                "bytes": 200,
+                "quarantined": 1,
+            }
+            async with index.reader.execute(
+                "SELECT num_series, num_instances, modalities FROM studies"
+            ) as cursor:
+                assert await cursor.fetchall() == [(2, 2, "CT")]
+        finally:
+            await index.close()
+
+    asyncio.run(scenario())
