@@ -55,6 +55,7 @@ async def serve(
             await stop.wait()
             log.info("stopping: no new associations; finishing what is in flight")
             await asyncio.to_thread(scp.stop, config.dicom.shutdown_grace)
+            log.info("ingest summary: %s", orjson.dumps(pipeline.receiver.summary()).decode())
     finally:
         await index.close()
     storage.mark_clean()

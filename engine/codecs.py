@@ -15,7 +15,7 @@ import multiprocessing
 import os
 from io import BytesIO
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -51,13 +51,12 @@ def is_compressed(transfer_syntax: str) -> bool:
         return False
 
 
-def check_end_markers(ds: Dataset) -> None:
+def check_end_markers(encapsulated: bytes, count: int) -> None:
     """Raise ``DecodeError`` when a frame's codestream lacks its end marker (truncated).
 
     Padding after the marker (0x00 to an even length, or 0xFF fill bytes) is allowed.
     """
-    count = int(ds.get("NumberOfFrames") or 1)
-    for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=count), 1):
+    for number, frame in enumerate(generate_frames(encapsulated, number_of_frames=count), 1):
         if not frame.rstrip(b"\x00\xff").endswith(_END_MARKER):
             raise DecodeError(
                 f"frame {number} of {count} is truncated: no end-of-image marker (FFD9)"
@@ -78,12 +77,16 @@ def decode_payload(data: bytes, transfer_syntax: str, transcode: bool) -> tuple[
     if "PixelData" not in ds:
         return data, transfer_syntax
     try:
-        if syntax in _MARKER_ENDED:
-            check_end_markers(ds)
-        if not transcode:
+        encapsulated = ds.PixelData
+        if transcode:
+            ds.decompress(generate_instance_uid=False)
+        else:
             ds.pixel_array  # noqa: B018 - decoding all frames is the check
+        # After the decoder, so that its own message is the one reported when it fails.
+        if syntax in _MARKER_ENDED:
+            check_end_markers(encapsulated, int(ds.get("NumberOfFrames") or 1))
+        if not transcode:
             return data, transfer_syntax
-        ds.decompress(generate_instance_uid=False)
     except DecodeError:
         raise
     except Exception as exc:

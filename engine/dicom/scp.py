@@ -11,6 +11,7 @@ never a hung scanner.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Any
 
@@ -86,6 +87,7 @@ class StoreSCP:
 
     def start(self) -> None:
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self.handle_connection),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self.handle_accepted),
@@ -117,6 +119,13 @@ class StoreSCP:
         self.server = None
 
     # -- handlers (association threads) ----------------------------------------------
+
+    def handle_connection(self, event: evt.Event) -> None:
+        """Answers are small writes after a large read: never let Nagle hold them back."""
+        transport = event.assoc.dul.socket
+        sock = transport.socket if transport is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle_echo(self, event: evt.Event) -> int:
         return status.SUCCESS

@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
+from collections import deque
 
 from engine.model import Outcome, Received, Result
 from engine.stages.flow import Item, Stop
 
 log = logging.getLogger(__name__)
+
+LATENCY_SAMPLES = 1_000_000
 
 
 class Receiver:
@@ -27,6 +31,8 @@ class Receiver:
         self.in_pipeline = 0  # items put in the queue and not yet answered
         self.waiting = 0  # submitters blocked on a full queue
         self.closed = False
+        # Seconds from a complete request to its answer, latest first out (thread-safe appends).
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
 
     async def submit(self, received: Received) -> Result:
         """Put one item into the pipeline and wait for its result (on the loop)."""
@@ -46,11 +52,29 @@ class Receiver:
         finally:
             self.in_pipeline -= 1
 
+    def summary(self) -> dict[str, float]:
+        """Answered requests and their latency percentiles, in milliseconds."""
+        samples = sorted(self.latencies)
+        if not samples:
+            return {"answered": 0}
+
+        def percentile(p: float) -> float:
+            return round(samples[min(len(samples) - 1, int(p * len(samples)))] * 1000, 2)
+
+        return {
+            "answered": len(samples),
+            "latency_p50_ms": percentile(0.50),
+            "latency_p99_ms": percentile(0.99),
+            "latency_max_ms": round(samples[-1] * 1000, 2),
+        }
+
     def submit_from_thread(self, received: Received) -> Result:
         """Called from an association thread; blocks it until the pipeline answers."""
         future = asyncio.run_coroutine_threadsafe(self.submit(received), self.loop)
         try:
-            return future.result(timeout=self.store_timeout)
+            result = future.result(timeout=self.store_timeout)
+            self.latencies.append(time.monotonic() - received.started)
+            return result
         except concurrent.futures.TimeoutError:
             future.cancel()
             log.error(

@@ -1,0 +1,272 @@
+"""The replay driver: dcmtk ``storescu`` plays the scanners against one fresh peer.
+
+A run starts the peer in an empty folder, sends every file with C concurrent
+associations (or one association per instance), waits for the last answer, then
+waits until the peer reports every instance (the engine and Orthanc through their
+index, storescp by its files). A run that lost anything is marked unverified and is
+never averaged in.
+
+While the run goes, ``TreeSampler`` reads /proc for the receiver's process tree:
+peak resident memory (summed over the tree; forked children share pages, so this
+overstates storescp a little) and CPU seconds (user + system, including reaped
+children).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.peers import Peer, nodelay_env
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL = 0.1
+QUERYABLE_TIMEOUT = 120.0
+SEND_TIMEOUT = 1800.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1_000_000
+
+# storescu options proposing each syntax of the generated files.
+PROPOSE = {"explicit": "-xe", "jpeg-lossless": "-xs", "jpeg-ls": "-xt"}
+
+
+class Scenario(enum.StrEnum):
+    BURST = "burst"  # C associations, each sending its share of the files
+    PER_INSTANCE = "per-instance"  # one association per instance, C at a time
+
+
+@dataclass
+class RunResult:
+    peer: str
+    scenario: str
+    concurrency: int
+    syntax: str
+    repeat: int
+    instances: int
+    studies: int
+    stored: int
+    seconds: float
+    instances_per_s: float
+    mb_per_s: float
+    studies_per_s: float
+    peak_rss_mb: float
+    cpu_s: float
+    queryable_after_s: float | None
+    verified: bool
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        tree.setdefault(int(fields[1]), []).append(int(entry.name))
+    return tree
+
+
+def _sample(root: int) -> tuple[int, float]:
+    """(resident bytes, CPU seconds) of ``root`` and its descendants, now."""
+    tree = _children()
+    stack, rss, ticks = [root], 0, 0
+    while stack:
+        pid = stack.pop()
+        stack.extend(tree.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                stat = fh.read()
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                rss += int(fh.read().split()[1]) * PAGE
+        except (OSError, IndexError):
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        # utime, stime, cutime, cstime: fields 14-17 of stat, 12-15 after "(comm) ".
+        ticks += sum(int(v) for v in fields[11:15])
+    return rss, ticks / CLOCK_TICKS
+
+
+class TreeSampler:
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.peak_rss = 0
+        self.cpu = 0.0
+        self._base_cpu = _sample(root)[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._once()
+            self._stop.wait(SAMPLE_INTERVAL)
+
+    def _once(self) -> None:
+        rss, cpu = _sample(self.root)
+        self.peak_rss = max(self.peak_rss, rss)
+        self.cpu = max(self.cpu, cpu - self._base_cpu)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._once()
+        self._stop.set()
+        self._thread.join()
+
+
+def split(files: list[Path], parts: int) -> list[list[Path]]:
+    """Contiguous shares, so each association sends whole series as a scanner does."""
+    size, extra = divmod(len(files), parts)
+    shares, start = [], 0
+    for n in range(parts):
+        end = start + size + (1 if n < extra else 0)
+        if end > start:
+            shares.append(files[start:end])
+        start = end
+    return shares
+
+
+def storescu(peer: Peer, files: list[Path], syntax: str) -> subprocess.CompletedProcess[bytes]:
+    argv = [
+        "storescu",
+        "-aet",
+        "BENCHSCU",
+        "-aec",
+        peer.ae_title,
+        "-R",
+        PROPOSE[syntax],
+        "127.0.0.1",
+        str(peer.port),
+        *map(str, files),
+    ]
+    return subprocess.run(argv, env=nodelay_env(), capture_output=True, timeout=SEND_TIMEOUT)
+
+
+def send(
+    peer: Peer, files: list[Path], scenario: Scenario, concurrency: int, syntax: str
+) -> list[str]:
+    """Send everything; returns the error lines of failed storescu runs."""
+    if scenario is Scenario.BURST:
+        jobs = [(share,) for share in split(files, concurrency)]
+    else:
+        jobs = [([f],) for f in files]
+    errors: list[str] = []
+    with ThreadPoolExecutor(concurrency) as pool:
+        for done in pool.map(lambda job: storescu(peer, job[0], syntax), jobs):
+            if done.returncode != 0 or b"Store Failed" in done.stderr:
+                errors.append(
+                    done.stderr.decode(errors="replace").strip().splitlines()[-1:][0]
+                    if done.stderr.strip()
+                    else f"storescu exit {done.returncode}"
+                )
+    return errors
+
+
+def wait_queryable(peer: Peer, expected: int) -> tuple[int, float | None]:
+    """Poll the peer's own count until it holds everything; (count, seconds or None)."""
+    start = time.monotonic()
+    count = -1
+    while time.monotonic() - start < QUERYABLE_TIMEOUT:
+        count = peer.count_instances()
+        if count >= expected:
+            return count, time.monotonic() - start
+        time.sleep(0.05)
+    return count, None
+
+
+def run_once(
+    peer: Peer,
+    files: list[Path],
+    studies: int,
+    scenario: Scenario,
+    concurrency: int,
+    syntax: str,
+    repeat: int,
+    keep: bool = False,
+) -> RunResult:
+    total_bytes = sum(f.stat().st_size for f in files)
+    error = ""
+    peer.start()
+    try:
+        with TreeSampler(peer.pid) as sampler:
+            start = time.monotonic()
+            errors = send(peer, files, scenario, concurrency, syntax)
+            seconds = time.monotonic() - start
+            stored, queryable = wait_queryable(peer, len(files))
+            stored = peer.verify_count()
+    except Exception as exc:  # a crashed peer is a failed run, not a crashed bench
+        log.exception("%s run failed", peer.name)
+        peer.stop()
+        return RunResult(
+            peer.name,
+            scenario.value,
+            concurrency,
+            syntax,
+            repeat,
+            len(files),
+            studies,
+            0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            None,
+            False,
+            error=repr(exc),
+        )
+    peer.stop()
+    details = peer.details()
+    if errors:
+        error = f"{len(errors)} storescu runs failed: {errors[0]}"
+    verified = not errors and stored == len(files)
+    if stored != len(files):
+        error = error or f"{len(files) - stored} of {len(files)} instances missing"
+    if not keep:
+        for child in peer.folder.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+    return RunResult(
+        peer=peer.name,
+        scenario=scenario.value,
+        concurrency=concurrency,
+        syntax=syntax,
+        repeat=repeat,
+        instances=len(files),
+        studies=studies,
+        stored=stored,
+        seconds=round(seconds, 3),
+        instances_per_s=round(len(files) / seconds, 1),
+        mb_per_s=round(total_bytes / MB / seconds, 1),
+        studies_per_s=round(studies / seconds, 3),
+        peak_rss_mb=round(sampler.peak_rss / MB, 1),
+        cpu_s=round(sampler.cpu, 2),
+        queryable_after_s=None if queryable is None else round(queryable, 3),
+        verified=verified,
+        latency_p50_ms=details.get("latency_p50_ms"),
+        latency_p99_ms=details.get("latency_p99_ms"),
+        error=error,
+    )

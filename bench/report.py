@@ -1,0 +1,200 @@
+"""Reports of a bench run: results.json (every run), results.md (medians and ratios),
+results.png (a bar chart of instances per second, min-max whiskers).
+
+Only verified runs are aggregated; a run that lost an instance is listed as failed.
+Ratios compare the engine's median with each rival's median from the same bench run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+FIGURES = ("instances_per_s", "mb_per_s", "studies_per_s", "peak_rss_mb", "cpu_s")
+
+
+@dataclass(frozen=True)
+class Group:
+    scenario: str
+    concurrency: int
+    syntax: str
+    peer: str
+
+
+@dataclass
+class Summary:
+    group: Group
+    repeats: int
+    failed: int
+    median: dict[str, float]
+    low: dict[str, float]
+    high: dict[str, float]
+    extra: dict[str, float | None]
+
+
+def _group(run: dict[str, Any]) -> Group:
+    return Group(run["scenario"], run["concurrency"], run["syntax"], run["peer"])
+
+
+def summarise(runs: Iterable[dict[str, Any]]) -> list[Summary]:
+    by_group: dict[Group, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_group.setdefault(_group(run), []).append(run)
+    summaries = []
+    for group, members in by_group.items():
+        good = [r for r in members if r["verified"]]
+        median = {f: statistics.median(r[f] for r in good) for f in FIGURES} if good else {}
+        low = {f: min(r[f] for r in good) for f in FIGURES} if good else {}
+        high = {f: max(r[f] for r in good) for f in FIGURES} if good else {}
+        extra: dict[str, float | None] = {}
+        for key in ("latency_p50_ms", "latency_p99_ms", "queryable_after_s"):
+            values = [r[key] for r in good if r.get(key) is not None]
+            extra[key] = statistics.median(values) if values else None
+        summaries.append(
+            Summary(group, len(members), len(members) - len(good), median, low, high, extra)
+        )
+    order = {"engine": 0, "orthanc": 1, "storescp": 2}
+    summaries.sort(
+        key=lambda s: (
+            s.group.syntax,
+            s.group.scenario,
+            s.group.concurrency,
+            order.get(s.group.peer, 9),
+        )
+    )
+    return summaries
+
+
+def _fmt(summary: Summary, figure: str) -> str:
+    if figure not in summary.median:
+        return "failed"
+    m, lo, hi = summary.median[figure], summary.low[figure], summary.high[figure]
+    if summary.repeats - summary.failed == 1:
+        return f"{m:g}"
+    return f"{m:g} ({lo:g}-{hi:g})"
+
+
+def ratios(summaries: list[Summary]) -> dict[tuple[str, int, str], dict[str, float]]:
+    """engine / rival median instances/s, per (scenario, concurrency, syntax)."""
+    table: dict[tuple[str, int, str], dict[str, float]] = {}
+    medians = {
+        (s.group.scenario, s.group.concurrency, s.group.syntax, s.group.peer): s.median.get(
+            "instances_per_s"
+        )
+        for s in summaries
+    }
+    for (scenario, concurrency, syntax, peer), value in medians.items():
+        if peer == "engine" or value is None:
+            continue
+        ours = medians.get((scenario, concurrency, syntax, "engine"))
+        if ours:
+            table.setdefault((scenario, concurrency, syntax), {})[peer] = round(ours / value, 2)
+    return table
+
+
+def markdown(summaries: list[Summary], meta: dict[str, Any], failed: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Bench results",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"{meta['instances']} instances in {meta['studies']} studies "
+        f"({meta['megabytes']:.0f} MB), syntax {', '.join(meta['syntaxes'])}, "
+        f"{meta['repeats']} repeats, machine: {meta['machine']}.",
+        "Medians over verified repeats, min-max in brackets. MB = 10^6 bytes. "
+        "Absolute numbers vary with the machine; ratios from one run are comparable.",
+        "",
+        "| scenario | C | syntax | peer | instances/s | MB/s | studies/s | peak RSS MB "
+        "| CPU s | latency p50/p99 ms | queryable after s | runs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summaries:
+        g = s.group
+        p50, p99 = s.extra["latency_p50_ms"], s.extra["latency_p99_ms"]
+        latency = f"{p50:g} / {p99:g}" if p50 is not None and p99 is not None else "-"
+        queryable = s.extra["queryable_after_s"]
+        lines.append(
+            f"| {g.scenario} | {g.concurrency} | {g.syntax} | {g.peer} "
+            f"| {_fmt(s, 'instances_per_s')} | {_fmt(s, 'mb_per_s')} "
+            f"| {_fmt(s, 'studies_per_s')} | {_fmt(s, 'peak_rss_mb')} | {_fmt(s, 'cpu_s')} "
+            f"| {latency} | {'-' if queryable is None else f'{queryable:g}'} "
+            f"| {s.repeats - s.failed}/{s.repeats} |"
+        )
+    table = ratios(summaries)
+    if table:
+        lines += ["", "## Engine / rival, median instances per second", ""]
+        lines += [
+            "| scenario | C | syntax | vs Orthanc | vs storescp |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for (scenario, concurrency, syntax), against in sorted(table.items()):
+            vs_o = against.get("orthanc")
+            vs_s = against.get("storescp")
+            lines.append(
+                f"| {scenario} | {concurrency} | {syntax} "
+                f"| {'-' if vs_o is None else f'{vs_o:.2f}x'} "
+                f"| {'-' if vs_s is None else f'{vs_s:.2f}x'} |"
+            )
+    if failed:
+        lines += ["", "## Failed runs (not averaged in)", ""]
+        for run in failed:
+            lines.append(
+                f"- {run['peer']} {run['scenario']} C={run['concurrency']} {run['syntax']} "
+                f"repeat {run['repeat']}: {run['error']}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: list[Summary], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(s.group.syntax, s.group.scenario, s.group.concurrency) for s in summaries})
+    peers = sorted({s.group.peer for s in summaries}, key=lambda p: (p != "engine", p))
+    width = 0.8 / max(1, len(peers))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(groups) + 2), 4.5))
+    for n, peer in enumerate(peers):
+        xs, heights, errors = [], [], [[], []]
+        for x, key in enumerate(groups):
+            match = [
+                s
+                for s in summaries
+                if (s.group.syntax, s.group.scenario, s.group.concurrency) == key
+                and s.group.peer == peer
+                and s.median
+            ]
+            if not match:
+                continue
+            s = match[0]
+            xs.append(x + n * width)
+            heights.append(s.median["instances_per_s"])
+            errors[0].append(s.median["instances_per_s"] - s.low["instances_per_s"])
+            errors[1].append(s.high["instances_per_s"] - s.median["instances_per_s"])
+        ax.bar(xs, heights, width, yerr=errors, capsize=3, label=peer)
+    ax.set_xticks([x + width * (len(peers) - 1) / 2 for x in range(len(groups))])
+    ax.set_xticklabels([f"{sc} C={c}\n{sy}" for sy, sc, c in groups])
+    ax.set_ylabel("instances per second (median, min-max)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_bytes(
+        orjson.dumps({"meta": meta, "runs": runs}, option=orjson.OPT_INDENT_2)
+    )
+    summaries = summarise(runs)
+    failed = [r for r in runs if not r["verified"]]
+    (out / "results.md").write_text(markdown(summaries, meta, failed))
+    if any(s.median for s in summaries):
+        plot(summaries, out / "results.png", f"C-STORE ingest, {meta['instances']} CT instances")
