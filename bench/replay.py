@@ -31,7 +31,7 @@ from bench.peers import Peer, nodelay_env
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL = 0.1
-QUERYABLE_TIMEOUT = 120.0
+QUERYABLE_TIMEOUT = 60.0
 SEND_TIMEOUT = 1800.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -184,11 +184,11 @@ def send(
     return errors
 
 
-def wait_queryable(peer: Peer, expected: int) -> tuple[int, float | None]:
+def wait_queryable(peer: Peer, expected: int, timeout: float) -> tuple[int, float | None]:
     """Poll the peer's own count until it holds everything; (count, seconds or None)."""
     start = time.monotonic()
     count = -1
-    while time.monotonic() - start < QUERYABLE_TIMEOUT:
+    while time.monotonic() - start < timeout:
         count = peer.count_instances()
         if count >= expected:
             return count, time.monotonic() - start
@@ -205,6 +205,7 @@ def run_once(
     syntax: str,
     repeat: int,
     keep: bool = False,
+    queryable_timeout: float = QUERYABLE_TIMEOUT,
 ) -> RunResult:
     total_bytes = sum(f.stat().st_size for f in files)
     error = ""
@@ -214,7 +215,7 @@ def run_once(
             start = time.monotonic()
             errors = send(peer, files, scenario, concurrency, syntax)
             seconds = time.monotonic() - start
-            stored, queryable = wait_queryable(peer, len(files))
+            stored, queryable = wait_queryable(peer, len(files), queryable_timeout)
             stored = peer.verify_count()
     except Exception as exc:  # a crashed peer is a failed run, not a crashed bench
         log.exception("%s run failed", peer.name)

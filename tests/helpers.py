@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,13 @@ import orjson
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from engine import config as config_module
+from engine.cli import serve
+from engine.dicom.scp import StoreSCP
+from engine.pipeline import Pipeline
+
 REPO = Path(__file__).resolve().parent.parent
+WAIT = 30.0
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
 
@@ -267,3 +277,47 @@ def send_datasets(
     finally:
         assoc.release()
     return results
+
+
+@dataclass
+class InProcess:
+    pipeline: Pipeline
+    scp: StoreSCP
+    port: int
+    ae_title: str = "ENGINE"
+
+
+@contextmanager
+def engine_in_thread(folder: Path, **sections: dict[str, Any]) -> Iterator[InProcess]:
+    port = free_port()
+    raw: dict[str, dict[str, Any]] = {
+        "dicom": {"ae_title": "ENGINE", "host": "127.0.0.1", "port": port},
+        "storage": {"path": "storage"},
+        "index": {"path": "index.sqlite"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    config = config_module.from_mapping(raw, base=folder)
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        holder["stop"] = stop
+        holder["loop"] = asyncio.get_running_loop()
+
+        def on_ready(pipeline: Pipeline, scp: StoreSCP) -> None:
+            holder["engine"] = InProcess(pipeline, scp, scp.port)
+            ready.set()
+
+        await serve(config, stop, on_ready)
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread.start()
+    assert ready.wait(WAIT), "engine did not start"
+    try:
+        yield holder["engine"]
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(WAIT)
+        assert not thread.is_alive(), "engine did not stop"

@@ -24,7 +24,9 @@ def test_parallel_associations_store_everything_once(engine: Engine) -> None:
             [ct_dataset(study_uid, series_uid, i, seed=a, size=64) for i in range(PER_ASSOCIATION)]
         )
     with ThreadPoolExecutor(ASSOCIATIONS) as pool:
-        results = list(pool.map(lambda b: send_datasets(engine, b, f"SCU{batches.index(b)}"), batches))
+        results = list(
+            pool.map(lambda b: send_datasets(engine, b, f"SCU{batches.index(b)}"), batches)
+        )
 
     statuses = [code for per_assoc in results for _, code in per_assoc]
     assert statuses == [status.SUCCESS] * (ASSOCIATIONS * PER_ASSOCIATION)

@@ -1,0 +1,252 @@
+"""Shared by the crash and shutdown tests: a burst of pynetdicom associations, and a
+check that the storage folder and the index agree with each other and with what was
+acknowledged."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dsutils import encode
+
+from engine import status
+from tests.helpers import Engine, ct_dataset
+
+# Seconds a sender's association waits for the engine before it gives up (bounds every send).
+SCU_TIMEOUT = 15.0
+POLL = 0.005
+
+
+def burst_datasets(senders: int, per_sender: int, size: int) -> list[list[Dataset]]:
+    """One study, one series per sender."""
+    study_uid = generate_uid()
+    burst = []
+    for s in range(senders):
+        series_uid = generate_uid()
+        batch = [ct_dataset(study_uid, series_uid, i, size=size, seed=s) for i in range(per_sender)]
+        for ds in batch:
+            ds.SeriesNumber = s + 1
+        burst.append(batch)
+    return burst
+
+
+def received_digest(ds: Dataset) -> str:
+    """The digest the engine computes: SHA-256 of the dataset as sent on the wire."""
+    data = encode(ds, is_implicit_vr=False, is_little_endian=True)
+    assert data is not None
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Burst:
+    """Several associations sending at once, one thread each; every answer recorded.
+
+    ``answers`` maps each SOP Instance UID that got a C-STORE-RSP to its status;
+    ``unanswered`` counts requests sent that got no response (association aborted);
+    ``errors`` holds anything a sender raised (expected only once the engine is gone).
+    """
+
+    engine: Engine
+    batches: list[list[Dataset]]
+    answers: dict[str, int] = field(default_factory=dict)
+    unanswered: int = 0
+    refused: int = 0
+    connected: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def total(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    @property
+    def acked(self) -> set[str]:
+        with self.lock:
+            return {uid for uid, code in self.answers.items() if code == status.SUCCESS}
+
+    @property
+    def datasets(self) -> dict[str, Dataset]:
+        return {str(ds.SOPInstanceUID): ds for batch in self.batches for ds in batch}
+
+    def start(self) -> Burst:
+        for n, batch in enumerate(self.batches):
+            thread = threading.Thread(target=self._send, args=(f"SCU{n}", batch), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+        return self
+
+    def _send(self, calling_ae: str, datasets: list[Dataset]) -> None:
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = SCU_TIMEOUT
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = None
+        try:
+            assoc = ae.associate("127.0.0.1", self.engine.port, ae_title=self.engine.ae_title)
+            if not assoc.is_established:
+                with self.lock:
+                    self.refused += 1
+                return
+            with self.lock:
+                self.connected += 1
+            for ds in datasets:
+                if not assoc.is_established:
+                    break
+                rsp = assoc.send_c_store(ds)
+                if "Status" not in rsp:
+                    # Aborted or timed out: the association is over, even when pynetdicom
+                    # has not flagged it yet (another send would wait the whole timeout).
+                    with self.lock:
+                        self.unanswered += 1
+                    break
+                with self.lock:
+                    self.answers[str(ds.SOPInstanceUID)] = int(rsp.Status)
+            if assoc.is_established:
+                assoc.release()
+        except Exception as exc:  # recorded; the test decides what is acceptable
+            with self.lock:
+                self.errors.append(exc)
+        finally:
+            ae.shutdown()
+            if assoc is not None:
+                _close_socket(assoc)
+
+    def wait_for_answers(self, count: int, timeout: float) -> int:
+        """Wait (bounded) until every sender is connected and ``count`` requests were
+        answered; returns how many were."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                done = len(self.answers)
+                ready = done >= count and self.connected == len(self.batches)
+            if ready or not any(t.is_alive() for t in self.threads):
+                return done
+            time.sleep(POLL)
+        with self.lock:
+            return len(self.answers)
+
+    def join(self, timeout: float) -> None:
+        """Every sender must end within ``timeout`` seconds: no C-STORE hangs."""
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self.threads if t.is_alive()]
+        assert not stuck, f"senders still waiting after {timeout}s: {stuck}"
+
+
+def _close_socket(assoc: Association) -> None:
+    """Close what pynetdicom leaves open when the peer resets the connection.
+
+    Its socket shutdown skips ``close()`` when ``shutdown()`` raises (ENOTCONN after a
+    reset), which leaks the socket (a ResourceWarning, an error under pytest here).
+    """
+    assoc.join(SCU_TIMEOUT)
+    wrapper = assoc.dul.socket
+    raw = getattr(wrapper, "socket", None) if wrapper is not None else None
+    if raw is not None:
+        raw.close()
+
+
+def restart(engine: Engine) -> str:
+    """Start a stopped engine again on the same folder; returns the new run's log so far.
+
+    ``Engine.start`` waits for "engine ready" anywhere in its log file, which the
+    previous run already wrote: the old log is moved aside first.
+    """
+    old = engine.log_path.read_bytes() if engine.log_path.exists() else b""
+    with open(engine.log_path.with_name("engine.previous.log"), "ab") as previous:
+        previous.write(old)
+    engine.log_path.unlink(missing_ok=True)
+    engine.start()
+    return engine.log()
+
+
+@dataclass(frozen=True)
+class Row:
+    uid: str
+    path: str
+    size: int
+    digest: str
+    series_uid: str
+    study_uid: str
+
+
+def index_rows(engine: Engine) -> dict[str, Row]:
+    """The instances table, read-only (works while the engine runs)."""
+    uri = f"file:{engine.index_path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        rows = db.execute(
+            "SELECT sop_instance_uid, path, size, digest, series_uid, study_uid FROM instances"
+        ).fetchall()
+    return {r[0]: Row(*r) for r in rows}
+
+
+def query(engine: Engine, sql: str) -> list[tuple[object, ...]]:
+    uri = f"file:{engine.index_path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        return list(db.execute(sql).fetchall())
+
+
+def leftovers(engine: Engine) -> tuple[list[Path], list[Path]]:
+    """Temp files and journals still present."""
+    incoming = engine.storage / ".incoming"
+    journal = engine.storage / ".journal"
+    return sorted(incoming.iterdir()), sorted(journal.iterdir())
+
+
+def check_store(engine: Engine, acked: set[str], sent: dict[str, Dataset]) -> dict[str, Row]:
+    """Storage folder and index agree, and every acknowledged instance is there, intact.
+
+    - every acknowledged UID has a row;
+    - every row's file exists, has the recorded size, parses, carries the row's UID and
+      (for what this test sent) is the dataset sent, with the digest of the bytes sent;
+    - every instance file under the storage folder is referenced by a row;
+    - no temp file or journal is left;
+    - the counts (``engine stats`` and the series/study counters) match the rows.
+    """
+    rows = index_rows(engine)
+    missing = sorted(acked - set(rows))
+    assert not missing, f"{len(missing)} acknowledged instances are not indexed: {missing[:3]}"
+    for uid, row in rows.items():
+        path = engine.storage / row.path
+        assert path.is_file(), f"row {uid} points to a missing file {row.path}"
+        assert path.stat().st_size == row.size
+        stored = dcmread(path)
+        assert stored.SOPInstanceUID == uid
+        assert stored.file_meta.MediaStorageSOPInstanceUID == uid
+        original = sent.get(uid)
+        if original is not None:
+            assert stored == original, f"{uid}: stored dataset differs from the one sent"
+            assert row.digest == received_digest(original)
+    on_disk = {p.relative_to(engine.storage).as_posix() for p in engine.stored_files()}
+    unreferenced = sorted(on_disk - {r.path for r in rows.values()})
+    assert not unreferenced, f"files without an index row: {unreferenced[:3]}"
+    assert leftovers(engine) == ([], [])
+    stats = engine.stats()
+    assert stats["instances"] == len(rows)
+    assert stats["bytes"] == sum(r.size for r in rows.values())
+    assert stats["series"] == len({r.series_uid for r in rows.values()})
+    assert stats["studies"] == len({r.study_uid for r in rows.values()})
+    per_series = query(
+        engine,
+        "SELECT s.series_uid FROM series s WHERE s.num_instances != "
+        "(SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid)",
+    )
+    assert per_series == []
+    per_study = query(
+        engine,
+        "SELECT s.study_uid FROM studies s WHERE s.num_instances != "
+        "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid)",
+    )
+    assert per_study == []
+    return rows

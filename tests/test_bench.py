@@ -1,0 +1,132 @@
+"""The bench cannot rot: a tiny run end to end, and honest verification of runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench import generate, report
+from bench.peers import StorescpPeer
+from bench.replay import Scenario, run_once, split
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.peers
+
+TINY = ["--studies", "1", "--series", "2", "--slices", "3", "--rows", "64", "--columns", "64"]
+
+
+def test_bench_smoke_run_writes_verified_reports(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            "--out",
+            str(out),
+            *TINY,
+            "--peers",
+            "engine,storescp",
+            "--repeat",
+            "1",
+            "--concurrency",
+            "1,2",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--work",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    results = orjson.loads((out / "results.json").read_bytes())
+    runs = results["runs"]
+    assert {(r["peer"], r["concurrency"]) for r in runs} == {
+        ("engine", 1),
+        ("engine", 2),
+        ("storescp", 1),
+        ("storescp", 2),
+    }
+    for run in runs:
+        assert run["verified"] is True
+        assert run["instances"] == run["stored"] == 6
+        assert run["instances_per_s"] > 0 and run["peak_rss_mb"] > 0
+    engine_runs = [r for r in runs if r["peer"] == "engine"]
+    assert all(r["latency_p50_ms"] is not None for r in engine_runs)
+    table = (out / "results.md").read_text()
+    assert "| burst | 1 | explicit | engine |" in table
+    assert "vs storescp" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[4/4]" in done.stderr  # progress display
+
+
+def test_a_run_that_loses_an_instance_is_not_verified(tmp_path: Path) -> None:
+    spec = generate.StudySpec(studies=1, series=1, slices=3, rows=32, columns=32)
+    files = generate.generate(spec, tmp_path / "study")
+    # storescu cannot send this one: the peer ends up holding fewer than were sent.
+    broken = tmp_path / "study" / "zz_broken.dcm"
+    broken.write_bytes(b"not a DICOM file")
+    peer = StorescpPeer(tmp_path / "peer")
+    result = run_once(
+        peer, [*files, broken], 1, Scenario.PER_INSTANCE, 1, "explicit", 1, queryable_timeout=2.0
+    )
+    assert result.stored == 3
+    assert result.instances == 4
+    assert result.verified is False
+    assert result.error
+
+
+def test_reports_leave_unverified_runs_out_of_the_figures() -> None:
+    def run(peer: str, rate: float, verified: bool) -> dict[str, object]:
+        return {
+            "peer": peer,
+            "scenario": "burst",
+            "concurrency": 1,
+            "syntax": "explicit",
+            "repeat": 1,
+            "instances_per_s": rate,
+            "mb_per_s": 1.0,
+            "studies_per_s": 1.0,
+            "peak_rss_mb": 1.0,
+            "cpu_s": 1.0,
+            "verified": verified,
+            "error": "" if verified else "lost 1",
+            "latency_p50_ms": None,
+            "latency_p99_ms": None,
+            "queryable_after_s": 0.0,
+        }
+
+    runs = [run("engine", 100.0, True), run("engine", 900.0, False), run("orthanc", 50.0, True)]
+    summaries = report.summarise(runs)
+    engine = next(s for s in summaries if s.group.peer == "engine")
+    assert engine.median["instances_per_s"] == 100.0
+    assert engine.failed == 1
+    assert report.ratios(summaries) == {("burst", 1, "explicit"): {"orthanc": 2.0}}
+    meta = {
+        "command": "x",
+        "instances": 1,
+        "studies": 1,
+        "megabytes": 1.0,
+        "syntaxes": ["explicit"],
+        "repeats": 2,
+        "machine": "m",
+    }
+    text = report.markdown(summaries, meta, [r for r in runs if not r["verified"]])
+    assert "Failed runs" in text and "lost 1" in text
+    assert "| 100 (100-100) |" not in text and "| 100 |" in text
+
+
+def test_split_keeps_series_together_and_loses_nothing() -> None:
+    files = [Path(f"f{i}") for i in range(10)]
+    shares = split(files, 4)
+    assert [len(s) for s in shares] == [3, 3, 2, 2]
+    assert [f for share in shares for f in share] == files
+    assert split(files[:2], 4) == [[files[0]], [files[1]]]

@@ -1,0 +1,205 @@
+"""kill -9 in the middle of a multi-association send, restart: nothing acknowledged is lost.
+
+Every instance that received a success status is on disk and in the index after the
+restart; there is no index row without its file, no instance file without a row, no
+temp file and no journal left. The recovery steps are also driven directly: a journal
+left between rename and commit is replayed, and a row whose file vanished while the
+engine was down is dropped after an unclean stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.dsutils import encode
+
+from engine import status
+from engine.storage import part10
+from engine.storage.area import StorageArea
+from tests.burst import Burst, burst_datasets, check_store, index_rows, leftovers, query, restart
+from tests.helpers import Engine, ct_dataset
+
+SENDERS = 4
+PER_SENDER = 80
+SIZE = 256  # 128 KB of pixel data: a burst takes a few seconds
+WAIT = 60.0
+
+
+@pytest.mark.parametrize(
+    ("kill_after", "fsync"),
+    [(1, True), (40, False), (150, True)],
+    ids=["early", "middle-no-fsync", "late"],
+)
+def test_kill_during_burst_loses_nothing_acknowledged(
+    tmp_path: Path, kill_after: int, fsync: bool
+) -> None:
+    """Several associations send; kill -9 once ``kill_after`` requests were answered.
+
+    With fsync off the bytes are only in the OS cache, which survives a crash of the
+    engine (not of the machine): the promise holds for kill -9 either way.
+    """
+    engine = Engine(tmp_path / "engine", overrides={"storage": {"fsync": fsync}}).start()
+    burst = Burst(engine, burst_datasets(SENDERS, PER_SENDER, SIZE))
+    try:
+        burst.start()
+        answered = burst.wait_for_answers(kill_after, WAIT)
+        assert answered >= kill_after, f"only {answered} answers before the senders ended"
+        engine.kill()
+        burst.join(WAIT)
+        # The kill interrupted the burst: not every request was answered.
+        assert len(burst.answers) < burst.total
+        acked = burst.acked
+        assert len(acked) >= kill_after
+        assert set(burst.answers.values()) == {status.SUCCESS}
+        # The senders saw the engine go: at most a broken association each.
+        assert all(isinstance(e, RuntimeError | OSError) for e in burst.errors), burst.errors
+
+        restart_log = restart(engine)
+        assert "last stop was not clean" in restart_log
+        rows = check_store(engine, acked, burst.datasets)
+        # Only instances that were sent, each at most once.
+        assert set(rows) <= set(burst.datasets)
+
+        # The scanners re-send everything: all succeed, each instance stored once.
+        again = Burst(engine, burst.batches).start()
+        again.join(WAIT)
+        assert again.errors == []
+        assert again.acked == set(burst.datasets)
+        rows = check_store(engine, again.acked, burst.datasets)
+        assert set(rows) == set(burst.datasets)
+        assert len(engine.stored_files()) == burst.total
+        assert engine.stop() == 0, engine.log()
+    finally:
+        engine.kill()
+
+
+def _stored_bytes(ds: Dataset, calling_ae: str) -> tuple[bytes, bytes]:
+    """(the dataset as sent, the Part 10 file the engine would write for it)."""
+    data = encode(ds, is_implicit_vr=False, is_little_endian=True)
+    assert data is not None
+    head = part10.header(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, calling_ae
+    )
+    return data, head + data
+
+
+def test_journal_left_between_rename_and_commit_is_replayed(tmp_path: Path) -> None:
+    """The state a crash after the renames and before the commit leaves, settled at start."""
+    engine = Engine(tmp_path / "engine").start()
+    study_uid, series_uid = generate_uid(), generate_uid()
+    first = ct_dataset(study_uid, series_uid, 1)
+    burst = Burst(engine, [[first]]).start()
+    burst.join(WAIT)
+    assert burst.acked == {str(first.SOPInstanceUID)}
+    assert engine.stop() == 0
+    first_path = index_rows(engine)[str(first.SOPInstanceUID)].path
+
+    entries = []
+    # A new instance, renamed into place, no row yet: recovery indexes it.
+    fresh = ct_dataset(study_uid, series_uid, 2)
+    data, file_bytes = _stored_bytes(fresh, "CRASHED")
+    digest = hashlib.sha256(data).hexdigest()
+    fresh_path = StorageArea.instance_path(study_uid, str(fresh.SOPInstanceUID), digest)
+    # Another copy of the first instance (other bytes): it lost to the indexed one.
+    rival = ct_dataset(study_uid, series_uid, 1, seed=7)
+    rival.SOPInstanceUID = first.SOPInstanceUID
+    rival.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    rival_data, rival_bytes = _stored_bytes(rival, "CRASHED")
+    rival_digest = hashlib.sha256(rival_data).hexdigest()
+    rival_path = StorageArea.instance_path(study_uid, str(first.SOPInstanceUID), rival_digest)
+    assert rival_path != first_path
+    # A file the journal lists but whose rename never happened.
+    never_uid = generate_uid()
+    never_path = StorageArea.instance_path(study_uid, never_uid, "0" * 64)
+    for rel, body in ((fresh_path, file_bytes), (rival_path, rival_bytes)):
+        target = engine.storage / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+    received_at = time.time() - 60
+    for rel, uid, dig in (
+        (fresh_path, str(fresh.SOPInstanceUID), digest),
+        (rival_path, str(first.SOPInstanceUID), rival_digest),
+        (never_path, never_uid, "0" * 64),
+    ):
+        entries.append(
+            {
+                "path": rel,
+                "sop_instance_uid": uid,
+                "digest": dig,
+                "received_at": received_at,
+                "calling_ae": "CRASHED",
+                "called_ae": "ENGINE",
+                "peer_ip": "127.0.0.1",
+            }
+        )
+    (engine.storage / ".journal" / "0123456789abcdef.json").write_bytes(orjson.dumps(entries))
+    (engine.storage / ".incoming" / "deadbeef.part").write_bytes(b"half a file")
+    (engine.storage / ".clean-shutdown").unlink()
+
+    log = restart(engine)
+    try:
+        assert "removed 1 temp files" in log
+        assert "indexed 1 files written before an interrupted commit" in log
+        assert leftovers(engine) == ([], [])
+        rows = check_store(
+            engine,
+            {str(first.SOPInstanceUID), str(fresh.SOPInstanceUID)},
+            {str(first.SOPInstanceUID): first, str(fresh.SOPInstanceUID): fresh},
+        )
+        assert set(rows) == {str(first.SOPInstanceUID), str(fresh.SOPInstanceUID)}
+        assert rows[str(first.SOPInstanceUID)].path == first_path
+        assert rows[str(fresh.SOPInstanceUID)].path == fresh_path
+        assert rows[str(fresh.SOPInstanceUID)].digest == digest
+        assert not (engine.storage / rival_path).exists()
+        ((calling_ae, when),) = query(
+            engine,
+            "SELECT calling_ae, received_at FROM instances "
+            f"WHERE sop_instance_uid = '{fresh.SOPInstanceUID}'",
+        )
+        assert (calling_ae, when) == ("CRASHED", received_at)
+        assert engine.stop() == 0
+    finally:
+        engine.kill()
+
+
+def test_row_whose_file_vanished_is_dropped_after_an_unclean_stop(tmp_path: Path) -> None:
+    engine = Engine(tmp_path / "engine").start()
+    study_uid, kept_series, gone_series = generate_uid(), generate_uid(), generate_uid()
+    datasets = [
+        ct_dataset(study_uid, kept_series, 1),
+        ct_dataset(study_uid, kept_series, 2),
+        ct_dataset(study_uid, gone_series, 1),
+    ]
+    datasets[2].SeriesNumber = 2
+    burst = Burst(engine, [datasets]).start()
+    burst.join(WAIT)
+    assert len(burst.acked) == 3
+    engine.kill()  # unclean: no .clean-shutdown marker
+    assert not (engine.storage / ".clean-shutdown").exists()
+
+    rows = index_rows(engine)
+    lost = [str(datasets[1].SOPInstanceUID), str(datasets[2].SOPInstanceUID)]
+    for uid in lost:
+        (engine.storage / rows[uid].path).unlink()
+
+    log = restart(engine)
+    try:
+        assert "last stop was not clean" in log
+        for uid in lost:
+            assert f"the file of {uid} is missing; removing its index row" in log
+        survivor = str(datasets[0].SOPInstanceUID)
+        rows = check_store(engine, {survivor}, {survivor: datasets[0]})
+        assert set(rows) == {survivor}
+        # The emptied series is gone; the study counts what is left.
+        assert query(engine, "SELECT series_uid, num_instances FROM series") == [(kept_series, 1)]
+        assert query(engine, "SELECT num_series, num_instances FROM studies") == [(1, 1)]
+        assert engine.stats()["patients"] == 1
+        assert engine.stop() == 0
+    finally:
+        engine.kill()

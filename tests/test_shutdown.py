@@ -1,0 +1,174 @@
+"""SIGTERM while scanners send: every request is answered or its association closed, the
+engine exits 0 and marks the stop clean; and a bad configuration stops it at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from engine import config as config_module
+from engine import status
+from engine.config import Config
+from tests.burst import Burst, burst_datasets, check_store, restart
+from tests.helpers import REPO, Engine, write_config
+
+SENDERS = 4
+PER_SENDER = 80
+SIZE = 256
+WAIT = 60.0
+# What a C-STORE may be answered while the engine stops: stored, or refused for now.
+SHUTDOWN_STATUSES = {status.SUCCESS, status.OUT_OF_RESOURCES, status.PROCESSING_FAILURE}
+
+
+@pytest.mark.parametrize(
+    ("grace", "senders_finish"),
+    [(0.5, False), (30.0, True)],
+    ids=["grace-expires", "senders-finish-in-grace"],
+)
+def test_sigterm_during_burst_answers_everyone_and_stops_clean(
+    tmp_path: Path, grace: float, senders_finish: bool
+) -> None:
+    engine = Engine(tmp_path / "engine", overrides={"dicom": {"shutdown_grace": grace}}).start()
+    burst = Burst(engine, burst_datasets(SENDERS, PER_SENDER, SIZE))
+    try:
+        burst.start()
+        answered = burst.wait_for_answers(40, WAIT)
+        assert burst.connected == SENDERS
+        assert answered < burst.total  # still sending when the signal goes out
+        assert engine.stop() == 0, engine.log()
+        burst.join(WAIT)
+
+        assert burst.errors == []
+        assert burst.refused == 0
+        # Every answer is success or a failure status; nothing else.
+        assert set(burst.answers.values()) <= SHUTDOWN_STATUSES
+        if senders_finish:
+            # Open associations may finish within the grace period: all of it is stored.
+            assert burst.acked == set(burst.datasets)
+            assert burst.unanswered == 0
+        else:
+            # The grace ran out: associations were aborted, at most one request each
+            # was left without an answer.
+            assert len(burst.answers) < burst.total
+            assert burst.unanswered <= SENDERS
+        log = engine.log()
+        assert "pipeline stopped; every item received was answered" in log
+        assert "engine stopped cleanly" in log
+        assert (engine.storage / ".clean-shutdown").is_file()
+
+        restart_log = restart(engine)
+        assert "last stop was not clean" not in restart_log
+        assert "recovery" not in restart_log
+        assert not (engine.storage / ".clean-shutdown").exists()  # only while stopped
+        rows = check_store(engine, burst.acked, burst.datasets)
+        assert set(rows) <= set(burst.datasets)
+        assert engine.stop() == 0
+        assert (engine.storage / ".clean-shutdown").is_file()
+    finally:
+        engine.kill()
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def _serve(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m engine serve``; a config it accepts would serve until the timeout."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--config", str(config_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "named"),
+    [
+        ("ingest", {"duplicate_policy": "discard"}, "ingest.duplicate_policy"),
+        ("ingest", {"duplicate_policy": 3}, "ingest.duplicate_policy"),
+        ("ingest", {"duplicate_polcy": "keep"}, "ingest.duplicate_polcy"),
+        ("dicom", {"port": "11112"}, "dicom.port"),
+        ("storage", {"fsync": "yes"}, "storage.fsync"),
+        ("pipeline", {"batch_max": 0}, "pipeline.batch_max"),
+        ("dicom", {"ae_title": "A_TITLE_LONGER_THAN_16"}, "dicom.ae_title"),
+        ("colour", {"scheme": "dark"}, "colour"),
+    ],
+)
+def test_bad_config_stops_serve_at_once_naming_the_key(
+    tmp_path: Path, section: str, values: dict[str, object], named: str
+) -> None:
+    engine = Engine(tmp_path / "engine", overrides={section: values})
+    assert engine.config_path is not None
+    result = _serve(engine.config_path)
+    assert result.returncode != 0
+    assert f"'{named}'" in result.stderr
+    assert result.stderr.startswith("error: ")
+    # Refused before touching anything.
+    assert not engine.storage.exists()
+    assert not engine.index_path.exists()
+
+
+def test_config_without_a_required_section_is_refused(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"dicom": {"port": 11112}, "storage": {"path": "s"}})
+    result = _serve(path)
+    assert result.returncode != 0
+    assert "missing section [index]" in result.stderr
+
+
+def test_minimal_config_runs_with_defaults(tmp_path: Path) -> None:
+    """[dicom], [storage] and [index] only: every other setting takes its default."""
+    engine = Engine(tmp_path / "engine").start()
+    try:
+        assert engine.config_path is not None
+        assert set(engine.config_path.read_text().split()) >= {"[dicom]", "[storage]", "[index]"}
+        assert "[ingest]" not in engine.config_path.read_text()
+        ae = AE(ae_title="ECHOSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", engine.port, ae_title=engine.ae_title)
+        assert assoc.is_established
+        try:
+            rsp = assoc.send_c_echo()
+        finally:
+            assoc.release()
+            ae.shutdown()
+        assert rsp.Status == status.SUCCESS
+        line = next(x for x in engine.log().splitlines() if "configuration: " in x)
+        effective = orjson.loads(line.split("configuration: ", 1)[1])
+        defaults = config_module.describe(Config())
+        for section in ("ingest", "pipeline", "log"):
+            assert effective[section] == defaults[section]
+        assert effective["storage"]["fsync"] is True
+        assert effective["storage"]["path"] == str(engine.storage)
+        assert effective["index"]["path"] == str(engine.index_path)
+        assert engine.stop() == 0
+    finally:
+        engine.kill()
+
+
+def test_repository_config_loads_and_documents_every_key() -> None:
+    path = REPO / "config.toml"
+    config = config_module.load(path)
+    # Relative paths are taken from the config file's folder, not the working directory.
+    assert config.storage.path == REPO / "data" / "storage"
+    assert config.storage.quarantine == REPO / "data" / "storage" / ".quarantine"
+    assert config.index.path == REPO / "data" / "index.sqlite"
+    # Every other value shown is the default.
+    shown = config_module.describe(config)
+    defaults = config_module.describe(Config())
+    for section, values in defaults.items():
+        for key, default in values.items():
+            if key != "path":
+                assert shown[section][key] == default, f"{section}.{key}"
+    # Every key appears in the file (set, or commented out like quarantine_path).
+    text = path.read_text()
+    for section, values in defaults.items():
+        assert f"[{section}]" in text
+        for key in values:
+            assert f"{key} = " in text, f"{section}.{key} is not documented in config.toml"
