@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import generate, report
+from bench import generate, profile, report
 from bench.peers import PEERS, EnginePeer, available
 from bench.replay import Scenario, run_once
 
@@ -125,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(peer, EnginePeer):
                 peer.fsync = args.fsync == "true"
             files = files_by_syntax[syntax]
-            label = (
-                f"[{n}/{len(plan)}] {name} {scenario.value} C={concurrency} {syntax} r{repeat}"
-            )
+            label = f"[{n}/{len(plan)}] {name} {scenario.value} C={concurrency} {syntax} r{repeat}"
             print(f"{label}: sending {len(files)} instances ...", file=sys.stderr, flush=True)
             result = run_once(peer, files, spec.studies, scenario, concurrency, syntax, repeat)
             runs.append(result.as_dict())
@@ -183,7 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="generated studies, reused")
     r.add_argument("--work", type=Path, default=None, help="folder for the peers' data")
     r.add_argument("--keep", action="store_true", help="keep the peers' folders")
+    pr = commands.add_parser("profile", help="sample the engine's CPU with py-spy during a burst")
+    pr.add_argument("--out", type=Path, required=True, help="folder for profile-C*.txt/.md")
+    pr.add_argument("--studies", type=int, default=2)
+    pr.add_argument("--concurrency", default="1,4")
+    pr.add_argument("--rate", type=int, default=250, help="samples per second")
+    pr.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
     if args.command == "setup":
         return setup()
+    if args.command == "profile":
+        spec = generate.StudySpec(studies=args.studies)
+        concurrencies = [int(c) for c in _csv(args.concurrency)]
+        return profile.main(args.out, concurrencies, spec, args.cache, args.rate)
     return run(args)

@@ -161,7 +161,9 @@ def plot(summaries: list[Summary], path: Path, title: str) -> None:
     width = 0.8 / max(1, len(peers))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(groups) + 2), 4.5))
     for n, peer in enumerate(peers):
-        xs, heights, errors = [], [], [[], []]
+        xs: list[float] = []
+        heights: list[float] = []
+        errors: list[list[float]] = [[], []]
         for x, key in enumerate(groups):
             match = [
                 s

@@ -4,7 +4,8 @@
 - Each journal left behind lists files renamed into place whose rows may not be
   committed. A file that is indexed stays; a file whose UID is indexed with another
   file is removed (a losing duplicate); a file with no row is indexed from its own
-  header, or quarantined if it does not parse.
+  header, or quarantined if it does not parse. Another copy of an indexed file's
+  instance beside it (replaced by an overwrite just before the crash) is removed.
 - After an unclean stop, every row whose file is missing is removed from the index
   (with an error line each), so the engine never serves a row without a file.
 """
@@ -23,7 +24,7 @@ from engine.index.base import InstanceRow
 from engine.index.sqlite import SQLiteIndex
 from engine.model import Rejection
 from engine.stages.validate import check_uids, extract
-from engine.storage.area import StorageArea
+from engine.storage.area import DIGEST_IN_NAME, SUFFIX, StorageArea
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,38 @@ def _row_from_file(path: Path, rel_path: str, entry: dict[str, Any]) -> Instance
     )
 
 
+def _replaced_copies(storage: StorageArea, rel_path: str, uid: str) -> list[str]:
+    """Other copies of this indexed file's instance in its folder.
+
+    An overwrite commits the new file's row, then removes the copy it replaced; that
+    copy is in no journal, so a crash between the two would leave it without a row.
+    Names are ``<SOPInstanceUID>.<digest16>.dcm``: match the UID exactly, never a
+    longer UID that starts with it.
+    """
+    folder, name = storage.absolute(rel_path).parent, rel_path.rsplit("/", 1)[-1]
+    copies = []
+    for path in folder.glob(f"{uid}.*{SUFFIX}"):
+        digest = path.name[len(uid) + 1 : -len(SUFFIX)]
+        if path.name != name and len(digest) == DIGEST_IN_NAME and "." not in digest:
+            copies.append(f"{rel_path.rsplit('/', 1)[0]}/{path.name}")
+    return copies
+
+
+def _quarantine_file(
+    storage: StorageArea, rel_path: str, entry: dict[str, Any], reason: str
+) -> None:
+    """Keep a journaled file that does not parse in the quarantine, with a note."""
+    path = storage.absolute(rel_path)
+    note: dict[str, Any] = {
+        "reason": f"found at start-up after an interrupted write; does not parse: {reason}",
+        "outcome": "recovery",
+        "path": rel_path,
+    }
+    for key in ("sop_instance_uid", "digest", "received_at", "calling_ae", "called_ae", "peer_ip"):
+        note[key] = entry.get(key)
+    storage.quarantine((path.read_bytes(),), note, path.suffix)
+
+
 async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
     """Settle every journal left behind; returns how many files were indexed."""
     indexed = 0
@@ -60,11 +93,22 @@ async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
             if found is not None:
                 if found.path != rel_path:
                     removals.append(rel_path)
+                else:
+                    uid = str(entry["sop_instance_uid"])
+                    copies = await asyncio.to_thread(_replaced_copies, storage, rel_path, uid)
+                    for copy in copies:
+                        log.warning("recovery: removing %s, replaced by an overwrite", copy)
+                    removals.extend(copies)
                 continue
             try:
                 rows.append(await asyncio.to_thread(_row_from_file, path, rel_path, entry))
             except (Rejection, Exception) as exc:
-                log.error("recovery: %s does not parse (%s); removing it", rel_path, exc)
+                log.error("recovery: %s does not parse (%s); quarantining it", rel_path, exc)
+                try:
+                    await asyncio.to_thread(_quarantine_file, storage, rel_path, entry, str(exc))
+                except OSError as error:
+                    log.error("recovery: cannot quarantine %s (%s); left in place", rel_path, error)
+                    continue
                 removals.append(rel_path)
         if rows:
             report = await index.commit_batch(

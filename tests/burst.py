@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import socket
 import sqlite3
 import threading
 import time
@@ -91,8 +92,10 @@ class Burst:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = SCU_TIMEOUT
         ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
         assoc = None
+        raw = None
         try:
             assoc = ae.associate("127.0.0.1", self.engine.port, ae_title=self.engine.ae_title)
+            raw = raw_socket(assoc)
             if not assoc.is_established:
                 with self.lock:
                     self.refused += 1
@@ -119,7 +122,7 @@ class Burst:
         finally:
             ae.shutdown()
             if assoc is not None:
-                _close_socket(assoc)
+                close_socket(assoc, raw)
 
     def wait_for_answers(self, count: int, timeout: float) -> int:
         """Wait (bounded) until every sender is connected and ``count`` requests were
@@ -144,15 +147,21 @@ class Burst:
         assert not stuck, f"senders still waiting after {timeout}s: {stuck}"
 
 
-def _close_socket(assoc: Association) -> None:
-    """Close what pynetdicom leaves open when the peer resets the connection.
+def raw_socket(assoc: Association) -> socket.socket | None:
+    """The association's TCP socket, to close at the end with ``close_socket``."""
+    wrapper = assoc.dul.socket
+    raw: socket.socket | None = getattr(wrapper, "socket", None)
+    return raw
+
+
+def close_socket(assoc: Association, raw: socket.socket | None) -> None:
+    """Close what pynetdicom leaves open when the peer resets or aborts the connection.
 
     Its socket shutdown skips ``close()`` when ``shutdown()`` raises (ENOTCONN after a
-    reset), which leaks the socket (a ResourceWarning, an error under pytest here).
+    reset) and then forgets the socket, which leaks it (a ResourceWarning, an error
+    under pytest here): ``raw`` is taken right after the association is established.
     """
     assoc.join(SCU_TIMEOUT)
-    wrapper = assoc.dul.socket
-    raw = getattr(wrapper, "socket", None) if wrapper is not None else None
     if raw is not None:
         raw.close()
 

@@ -100,6 +100,7 @@ class Engine:
 
     def start(self) -> Engine:
         assert self.process is None
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "engine", "serve", "--config", str(self.config_path)],
@@ -111,7 +112,7 @@ class Engine:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"engine exited at start:\n{self.log()}")
-            if "engine ready" in self.log():
+            if b"engine ready" in self.log_path.read_bytes()[offset:]:
                 return self
             time.sleep(0.05)
         self.kill()

@@ -107,4 +107,3 @@ def test_write_fault_answers_processing_failure_and_engine_keeps_serving(
     incoming.mkdir()
     assert send_datasets(engine, [ds]) == [(ds.SOPInstanceUID, status.SUCCESS)]
     assert engine.stats()["instances"] == 1
-

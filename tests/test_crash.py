@@ -2,15 +2,20 @@
 
 Every instance that received a success status is on disk and in the index after the
 restart; there is no index row without its file, no instance file without a row, no
-temp file and no journal left. The recovery steps are also driven directly: a journal
-left between rename and commit is replayed, and a row whose file vanished while the
-engine was down is dropped after an unclean stop.
+temp file and no journal left. The recovery steps are also driven directly, from the
+state a crash at one exact point leaves: a journal left between rename and commit is
+replayed (a journaled file that does not parse is quarantined; the copy an overwrite
+replaced is removed), and a row whose file vanished while the engine was down is
+dropped after an unclean stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sqlite3
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -63,7 +68,7 @@ def test_kill_during_burst_loses_nothing_acknowledged(
         restart_log = restart(engine)
         assert "last stop was not clean" in restart_log
         rows = check_store(engine, acked, burst.datasets)
-        # Only instances that were sent, each at most once.
+        # Only instances that were sent (some committed without their answer arriving).
         assert set(rows) <= set(burst.datasets)
 
         # The scanners re-send everything: all succeed, each instance stored once.
@@ -200,6 +205,103 @@ def test_row_whose_file_vanished_is_dropped_after_an_unclean_stop(tmp_path: Path
         assert query(engine, "SELECT series_uid, num_instances FROM series") == [(kept_series, 1)]
         assert query(engine, "SELECT num_series, num_instances FROM studies") == [(1, 1)]
         assert engine.stats()["patients"] == 1
+        assert engine.stop() == 0
+    finally:
+        engine.kill()
+
+
+def test_journaled_file_that_does_not_parse_is_quarantined(tmp_path: Path) -> None:
+    """A file renamed into place whose bytes are broken (say, a power cut with fsync off)
+    is not indexed and not thrown away: it goes to the quarantine with a note."""
+    engine = Engine(tmp_path / "engine").start()
+    assert engine.stop() == 0
+    study_uid, uid = generate_uid(), generate_uid()
+    rel_path = StorageArea.instance_path(study_uid, uid, "f" * 64)
+    broken = b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x7fnot a dataset"
+    target = engine.storage / rel_path
+    target.parent.mkdir(parents=True)
+    target.write_bytes(broken)
+    entry = {
+        "path": rel_path,
+        "sop_instance_uid": uid,
+        "digest": "f" * 64,
+        "received_at": time.time(),
+        "calling_ae": "CRASHED",
+        "called_ae": "ENGINE",
+        "peer_ip": "127.0.0.1",
+    }
+    (engine.storage / ".journal" / "feedface.json").write_bytes(orjson.dumps([entry]))
+    (engine.storage / ".clean-shutdown").unlink()
+
+    log = restart(engine)
+    try:
+        assert f"recovery: {rel_path} does not parse" in log
+        assert not target.exists()
+        check_store(engine, set(), {})
+        assert index_rows(engine) == {}
+        notes = engine.quarantine_notes()
+        assert len(notes) == 1
+        assert notes[0]["sop_instance_uid"] == uid
+        assert notes[0]["path"] == rel_path
+        assert "does not parse" in notes[0]["reason"]
+        kept = [p for p in engine.quarantine.rglob("*") if p.name == notes[0]["file"]]
+        assert [p.read_bytes() for p in kept] == [broken]
+        assert engine.stop() == 0
+    finally:
+        engine.kill()
+
+
+def test_copy_replaced_by_an_overwrite_is_removed_after_a_crash(tmp_path: Path) -> None:
+    """duplicate_policy = "overwrite": the crash fell after the commit that replaced an
+    instance's row and before the replaced copy was removed (that copy is in no journal)."""
+    engine = Engine(tmp_path / "engine", overrides={"ingest": {"duplicate_policy": "overwrite"}})
+    engine.start()
+    study_uid, series_uid = generate_uid(), generate_uid()
+    uid = f"2.25.{uuid.uuid4().int}"
+    old = ct_dataset(study_uid, series_uid, 1)
+    # A neighbour whose UID starts with the first one's: it must not be taken for a copy.
+    neighbour = ct_dataset(study_uid, series_uid, 2)
+    for ds, value in ((old, uid), (neighbour, f"{uid}.1")):
+        ds.SOPInstanceUID = value
+        ds.file_meta.MediaStorageSOPInstanceUID = value
+    burst = Burst(engine, [[old, neighbour]]).start()
+    burst.join(WAIT)
+    assert burst.acked == {uid, f"{uid}.1"}
+    assert engine.stop() == 0
+    old_path = index_rows(engine)[uid].path
+
+    new = ct_dataset(study_uid, series_uid, 1, seed=5)
+    new.SOPInstanceUID = uid
+    new.file_meta.MediaStorageSOPInstanceUID = uid
+    data, file_bytes = _stored_bytes(new, "SCU0")
+    digest = hashlib.sha256(data).hexdigest()
+    new_path = StorageArea.instance_path(study_uid, uid, digest)
+    assert new_path.rsplit("/", 1)[0] == old_path.rsplit("/", 1)[0]
+    (engine.storage / new_path).write_bytes(file_bytes)
+    with contextlib.closing(sqlite3.connect(engine.index_path)) as db, db:
+        db.execute(
+            "UPDATE instances SET path = ?, digest = ?, size = ? WHERE sop_instance_uid = ?",
+            (new_path, digest, len(file_bytes), uid),
+        )
+    entry = {
+        "path": new_path,
+        "sop_instance_uid": uid,
+        "digest": digest,
+        "received_at": time.time(),
+        "calling_ae": "SCU0",
+        "called_ae": "ENGINE",
+        "peer_ip": "127.0.0.1",
+    }
+    (engine.storage / ".journal" / "0badc0de.json").write_bytes(orjson.dumps([entry]))
+    (engine.storage / ".clean-shutdown").unlink()
+
+    log = restart(engine)
+    try:
+        assert f"recovery: removing {old_path}, replaced by an overwrite" in log
+        assert not (engine.storage / old_path).exists()
+        rows = check_store(engine, {uid, f"{uid}.1"}, {uid: new, f"{uid}.1": neighbour})
+        assert rows[uid].path == new_path
+        assert len(engine.stored_files()) == 2
         assert engine.stop() == 0
     finally:
         engine.kill()

@@ -98,4 +98,3 @@ def test_policy_reject_answers_duplicate_and_quarantines(tmp_path: Path) -> None
         assert kept.PixelData == variant.PixelData
     finally:
         assert engine.stop() == 0
-

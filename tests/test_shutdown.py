@@ -15,7 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from engine import config as config_module
 from engine import status
 from engine.config import Config
-from tests.burst import Burst, burst_datasets, check_store, restart
+from tests.burst import Burst, burst_datasets, check_store, close_socket, raw_socket, restart
 from tests.helpers import REPO, Engine, write_config
 
 SENDERS = 4
@@ -26,51 +26,69 @@ WAIT = 60.0
 SHUTDOWN_STATUSES = {status.SUCCESS, status.OUT_OF_RESOURCES, status.PROCESSING_FAILURE}
 
 
-@pytest.mark.parametrize(
-    ("grace", "senders_finish"),
-    [(0.5, False), (30.0, True)],
-    ids=["grace-expires", "senders-finish-in-grace"],
-)
-def test_sigterm_during_burst_answers_everyone_and_stops_clean(
-    tmp_path: Path, grace: float, senders_finish: bool
-) -> None:
-    engine = Engine(tmp_path / "engine", overrides={"dicom": {"shutdown_grace": grace}}).start()
-    burst = Burst(engine, burst_datasets(SENDERS, PER_SENDER, SIZE))
+def _sigterm_during_burst(engine: Engine) -> Burst:
+    """Start a burst, SIGTERM the engine while it is under way; the engine must exit 0."""
+    burst = Burst(engine, burst_datasets(SENDERS, PER_SENDER, SIZE)).start()
+    answered = burst.wait_for_answers(40, WAIT)
+    assert burst.connected == SENDERS
+    assert answered < burst.total  # still sending when the signal goes out
+    assert engine.stop() == 0, engine.log()
+    burst.join(WAIT)
+    assert burst.errors == []
+    assert burst.refused == 0
+    # Every answer is success or a failure status; nothing else.
+    assert set(burst.answers.values()) <= SHUTDOWN_STATUSES
+    # A sender stops at the first request left unanswered (its association is gone).
+    assert burst.unanswered <= SENDERS
+    return burst
+
+
+def _check_clean_stop_then_restart(engine: Engine, burst: Burst) -> None:
+    log = engine.log()
+    assert "pipeline stopped; every item received was answered" in log
+    assert "engine stopped cleanly" in log
+    assert (engine.storage / ".clean-shutdown").is_file()
+
+    restart_log = restart(engine)
+    # A clean stop: no missing-file check, nothing to recover.
+    assert "last stop was not clean" not in restart_log
+    assert "recovery" not in restart_log
+    assert not (engine.storage / ".clean-shutdown").exists()  # present only while stopped
+    rows = check_store(engine, burst.acked, burst.datasets)
+    assert set(rows) <= set(burst.datasets)
+    assert engine.stop() == 0
+    assert (engine.storage / ".clean-shutdown").is_file()
+
+
+def test_sigterm_lets_open_associations_finish_within_the_grace(tmp_path: Path) -> None:
+    engine = Engine(tmp_path / "engine", overrides={"dicom": {"shutdown_grace": 30.0}}).start()
     try:
-        burst.start()
-        answered = burst.wait_for_answers(40, WAIT)
-        assert burst.connected == SENDERS
-        assert answered < burst.total  # still sending when the signal goes out
-        assert engine.stop() == 0, engine.log()
-        burst.join(WAIT)
-
-        assert burst.errors == []
-        assert burst.refused == 0
-        # Every answer is success or a failure status; nothing else.
-        assert set(burst.answers.values()) <= SHUTDOWN_STATUSES
-        if senders_finish:
-            # Open associations may finish within the grace period: all of it is stored.
-            assert burst.acked == set(burst.datasets)
-            assert burst.unanswered == 0
-        else:
-            # The grace ran out: associations were aborted, at most one request each
-            # was left without an answer.
-            assert len(burst.answers) < burst.total
-            assert burst.unanswered <= SENDERS
-        log = engine.log()
-        assert "pipeline stopped; every item received was answered" in log
-        assert "engine stopped cleanly" in log
-        assert (engine.storage / ".clean-shutdown").is_file()
-
-        restart_log = restart(engine)
-        assert "last stop was not clean" not in restart_log
-        assert "recovery" not in restart_log
-        assert not (engine.storage / ".clean-shutdown").exists()  # only while stopped
-        rows = check_store(engine, burst.acked, burst.datasets)
-        assert set(rows) <= set(burst.datasets)
-        assert engine.stop() == 0
-        assert (engine.storage / ".clean-shutdown").is_file()
+        burst = _sigterm_during_burst(engine)
+        # The associations open at the signal finished within the grace: all stored.
+        assert burst.acked == set(burst.datasets)
+        assert burst.unanswered == 0
+        _check_clean_stop_then_restart(engine, burst)
     finally:
+        engine.kill()
+
+
+def test_sigterm_aborts_what_is_still_open_when_the_grace_ends(tmp_path: Path) -> None:
+    engine = Engine(tmp_path / "engine", overrides={"dicom": {"shutdown_grace": 0.5}}).start()
+    # An association that stays open and silent: only the end of the grace closes it.
+    idle_ae = AE(ae_title="IDLE")
+    idle_ae.add_requested_context(Verification)
+    idle = idle_ae.associate("127.0.0.1", engine.port, ae_title=engine.ae_title)
+    idle_socket = raw_socket(idle)
+    try:
+        assert idle.is_established
+        burst = _sigterm_during_burst(engine)
+        assert "aborting association with IDLE at shutdown" in engine.log()
+        idle.join(WAIT)  # the engine's A-ABORT (or the closed socket) ends it
+        assert not idle.is_established
+        _check_clean_stop_then_restart(engine, burst)
+    finally:
+        idle_ae.shutdown()
+        close_socket(idle, idle_socket)
         engine.kill()
 
 
