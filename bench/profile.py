@@ -1,7 +1,9 @@
 """``python -m bench profile``: where the engine's CPU goes while it ingests a burst.
 
-The engine runs as in ``bench run``; py-spy samples every thread of it (idle
-threads left out) while dcmtk ``storescu`` sends with C associations. The raw
+The engine runs as in ``bench run``; py-spy samples the thread that holds the GIL
+(``--gil``: Python CPU work, which is what limits a Python server on 2 cores; time
+blocked in fsync or in sockets is not in it) while dcmtk ``storescu`` sends with C
+associations. The raw
 stacks are kept (``profile-C{c}.txt``, collapsed-stack format that flame-graph
 tools read) and summarised: the share of samples per part of the engine and the
 functions with the most samples of their own.

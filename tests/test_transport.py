@@ -27,3 +27,61 @@ def test_accepted_sockets_have_tcp_nodelay(tmp_path: Path) -> None:
             assert assoc.send_c_store(ds).Status == status.SUCCESS
         finally:
             assoc.release()
+
+
+# Every transfer syntax the engine must take, as a scanner would propose it.
+SYNTAXES = [
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2.2",  # explicit VR big endian
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE lossless
+]
+PRIVATE_SOP_CLASS = "1.3.12.2.1107.5.9.1"  # a vendor's private storage class
+
+
+def test_every_syntax_and_private_classes_are_accepted(tmp_path: Path) -> None:
+    with engine_in_thread(tmp_path) as eng:
+        ae = AE(ae_title="PROPOSER")
+        for syntax in SYNTAXES:
+            ae.add_requested_context(CTImageStorage, [syntax])
+        ae.add_requested_context(PRIVATE_SOP_CLASS, ["1.2.840.10008.1.2.1"])
+        assoc = ae.associate("127.0.0.1", eng.port, ae_title=eng.ae_title)
+        try:
+            assert assoc.is_established
+            accepted = {
+                (cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+            }
+            assert {(CTImageStorage, s) for s in SYNTAXES} <= accepted
+            assert (PRIVATE_SOP_CLASS, "1.2.840.10008.1.2.1") in accepted
+            assert assoc.rejected_contexts == []
+        finally:
+            assoc.release()
+
+
+def test_more_associations_than_pynetdicoms_default_at_once(tmp_path: Path) -> None:
+    """pynetdicom allows 10 by default; a trauma burst from several scanners needs more."""
+    with engine_in_thread(tmp_path, dicom={"maximum_associations": 24}) as eng:
+        ae = AE(ae_title="MANY")
+        ae.add_requested_context(CTImageStorage)
+        associations = [
+            ae.associate("127.0.0.1", eng.port, ae_title=eng.ae_title) for _ in range(20)
+        ]
+        try:
+            assert all(a.is_established for a in associations)
+            ds = ct_dataset(generate_uid(), generate_uid(), 1)
+            assert associations[-1].send_c_store(ds).Status == status.SUCCESS
+        finally:
+            for assoc in associations:
+                assoc.release()
