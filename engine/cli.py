@@ -40,26 +40,29 @@ async def serve(
     ``on_ready`` is called once the server listens (tests use it to watch the pipeline).
     """
     storage = StorageArea(config.storage.path, config.storage.quarantine, config.storage.fsync)
-    was_clean = await asyncio.to_thread(storage.prepare)
     index = SQLiteIndex(config.index.path, durable=config.storage.fsync)
     await index.open()
     try:
+        was_clean = await asyncio.to_thread(storage.prepare, await index.has_instances())
         await recover(storage, index, was_clean)
         pipeline = Pipeline(config, index, storage)
         async with pipeline.running():
             scp = StoreSCP(config.dicom, pipeline.receiver)
             await asyncio.to_thread(scp.start)
-            log.info("engine ready: storage %s, index %s", storage.root, index.path)
-            if on_ready is not None:
-                on_ready(pipeline, scp)
-            await stop.wait()
-            log.info("stopping: no new associations; finishing what is in flight")
-            await asyncio.to_thread(scp.stop, config.dicom.shutdown_grace)
+            try:
+                log.info("engine ready: storage %s, index %s", storage.root, index.path)
+                if on_ready is not None:
+                    on_ready(pipeline, scp)
+                await stop.wait()
+                log.info("stopping: no new associations; finishing what is in flight")
+            finally:
+                await asyncio.to_thread(scp.stop, config.dicom.shutdown_grace)
             log.info("ingest summary: %s", orjson.dumps(pipeline.receiver.summary()).decode())
+        storage.mark_clean()
+        log.info("engine stopped cleanly")
     finally:
         await index.close()
-    storage.mark_clean()
-    log.info("engine stopped cleanly")
+        storage.release()
 
 
 async def _serve_until_signal(config: Config) -> None:

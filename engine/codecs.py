@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 from io import BytesIO
+from typing import Any
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import generate_frames
@@ -99,24 +100,67 @@ def decode_payload(data: bytes, transfer_syntax: str, transcode: bool) -> tuple[
     return out.getvalue(), ExplicitVRLittleEndian
 
 
-class Decoder:
-    """A pool of decoder processes, started lazily at the first compressed image."""
+def _ready() -> bool:
+    """A no-op that makes a new pool start its worker processes."""
+    return True
 
-    def __init__(self, workers: int) -> None:
+
+class Decoder:
+    """A pool of decoder processes, started off the loop when the pipeline needs one.
+
+    A worker that dies (a decoder crashing on hostile input, an OOM kill) breaks a
+    ``ProcessPoolExecutor`` for good, and a decoder stuck in a loop would hold its
+    slot forever: both cases replace the pool. The image that broke it is answered
+    as undecodable; the others in flight are tried once more on the new pool.
+    """
+
+    def __init__(self, workers: int, timeout: float) -> None:
         self._workers = workers or os.cpu_count() or 1
+        self._timeout = timeout
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        context = multiprocessing.get_context("forkserver")
+        pool = concurrent.futures.ProcessPoolExecutor(self._workers, mp_context=context)
+        for future in [pool.submit(_ready) for _ in range(self._workers)]:
+            future.result()
+        log.info("decoder pool started with %d processes", self._workers)
+        return pool
+
+    async def start(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = await asyncio.to_thread(self._new_pool)
+        return self._pool
+
+    def _discard(self, pool: concurrent.futures.ProcessPoolExecutor, kill: bool) -> None:
+        if self._pool is pool:
+            self._pool = None
+        if kill:
+            # The executor has no public way to stop a busy worker.
+            processes: dict[int, Any] = getattr(pool, "_processes", None) or {}
+            for process in list(processes.values()):
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     async def process(
         self, data: bytes, transfer_syntax: str, transcode: bool
     ) -> tuple[bytes, str]:
-        if self._pool is None:
-            context = multiprocessing.get_context("forkserver")
-            self._pool = concurrent.futures.ProcessPoolExecutor(self._workers, mp_context=context)
-            log.info("decoder pool started with %d processes", self._workers)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool, decode_payload, data, transfer_syntax, transcode
-        )
+        for attempt in (1, 2):
+            pool = await self.start()
+            work = loop.run_in_executor(pool, decode_payload, data, transfer_syntax, transcode)
+            try:
+                return await asyncio.wait_for(work, self._timeout)
+            except TimeoutError:
+                log.error("a decoder ran past %.0f s; replacing the decoder pool", self._timeout)
+                self._discard(pool, kill=True)
+                raise DecodeError(f"decoding did not finish within {self._timeout:.0f} s") from None
+            except concurrent.futures.process.BrokenProcessPool:
+                log.error("a decoder process died; replacing the decoder pool")
+                self._discard(pool, kill=False)
+                if attempt == 2:
+                    raise DecodeError("the decoder process crashed on this image") from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         if self._pool is not None:

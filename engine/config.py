@@ -84,6 +84,8 @@ class IngestConfig:
     store_timeout: float = 120.0
     # Processes that decode pixel data (check_pixels, transcode); 0 = one per core.
     decode_workers: int = 0
+    # Seconds one image may take to decode before it is refused and the pool replaced.
+    decode_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,7 @@ def _check(config: Config) -> None:
         "dicom.acse_timeout": config.dicom.acse_timeout,
         "dicom.dimse_timeout": config.dicom.dimse_timeout,
         "ingest.store_timeout": config.ingest.store_timeout,
+        "ingest.decode_timeout": config.ingest.decode_timeout,
         "pipeline.queue_size": config.pipeline.queue_size,
         "pipeline.batch_max": config.pipeline.batch_max,
     }

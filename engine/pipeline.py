@@ -21,12 +21,13 @@ TaskGroup ends when the index stage has committed the last batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from engine import codecs
-from engine.config import Config
+from engine.config import Config, Transcode
 from engine.index.sqlite import SQLiteIndex
 from engine.stages import dedupe, validate, write
 from engine.stages.flow import STOP, Item, Stop
@@ -49,16 +50,13 @@ class Pipeline:
         self.receiver = Receiver(self.queues["validate"], config.ingest.store_timeout)
         self.thread = write.StorageThread()
         self.in_flight = write.InFlight()
-        self.decoder = codecs.Decoder(config.ingest.decode_workers)
+        self.decoder = codecs.Decoder(config.ingest.decode_workers, config.ingest.decode_timeout)
 
     @property
     def capacity(self) -> int:
         """The most items the pipeline holds at once (queues plus one batch per stage)."""
         p = self.config.pipeline
         return len(self.queues) * p.queue_size + len(self.queues) * p.batch_max
-
-    def depths(self) -> dict[str, int]:
-        return {name: q.qsize() for name, q in self.queues.items()}
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Pipeline]:
@@ -72,6 +70,9 @@ class Pipeline:
             self.in_flight,
             self.config.ingest.duplicate_policy,
         )
+        ingest = self.config.ingest
+        if ingest.check_pixels or ingest.transcode is not Transcode.NONE:
+            await self.decoder.start()
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(
@@ -99,13 +100,18 @@ class Pipeline:
                 group.create_task(index_stage.run(q["index"], batch), name="index")
                 try:
                     yield self
-                finally:
+                except BaseException:
+                    # A stage failed (the group cancelled us) or we were cancelled: the
+                    # stages may be gone, so never wait on their queues here.
                     self.receiver.closed = True
-                    # Senders already blocked on the full first queue go in before Stop.
-                    while self.receiver.waiting:
-                        await asyncio.sleep(0.01)
-                    await q["validate"].put(STOP)
+                    with contextlib.suppress(asyncio.QueueFull):
+                        q["validate"].put_nowait(STOP)
+                    raise
+                self.receiver.closed = True
+                # Senders already blocked on the full first queue go in before Stop.
+                await self.receiver.drained()
+                await q["validate"].put(STOP)
         finally:
-            self.thread.close()
-            self.decoder.close()
-        log.info("pipeline stopped; every item received was answered")
+            await asyncio.to_thread(self.thread.close)
+            await asyncio.to_thread(self.decoder.close)
+        log.info("pipeline stopped; %d items still in it", self.receiver.in_pipeline)

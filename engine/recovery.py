@@ -20,13 +20,16 @@ from typing import Any
 from pydicom import dcmread
 
 from engine.duplicates import Decision
+from engine.errors import StorageError
 from engine.index.base import InstanceRow
 from engine.index.sqlite import SQLiteIndex
-from engine.model import Rejection
 from engine.stages.validate import check_uids, extract
 from engine.storage.area import DIGEST_IN_NAME, SUFFIX, StorageArea
 
 log = logging.getLogger(__name__)
+
+# Up to this many missing files are always taken as the loss of an unclean stop.
+MISSING_LIMIT = 10
 
 
 def _row_from_file(path: Path, rel_path: str, entry: dict[str, Any]) -> InstanceRow:
@@ -84,6 +87,7 @@ async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
         existing = await index.lookup([str(e["sop_instance_uid"]) for e in entries])
         rows: list[InstanceRow] = []
         removals: list[str] = []
+        settled = True
         for entry in entries:
             rel_path = str(entry["path"])
             path = storage.absolute(rel_path)
@@ -102,12 +106,13 @@ async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
                 continue
             try:
                 rows.append(await asyncio.to_thread(_row_from_file, path, rel_path, entry))
-            except (Rejection, Exception) as exc:
+            except Exception as exc:
                 log.error("recovery: %s does not parse (%s); quarantining it", rel_path, exc)
                 try:
                     await asyncio.to_thread(_quarantine_file, storage, rel_path, entry, str(exc))
                 except OSError as error:
                     log.error("recovery: cannot quarantine %s (%s); left in place", rel_path, error)
+                    settled = False  # keep the journal: the next start tries again
                     continue
                 removals.append(rel_path)
         if rows:
@@ -117,7 +122,8 @@ async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
             removals.extend(report.unreferenced)
             indexed += sum(d is Decision.NEW for d in report.decisions)
         await asyncio.to_thread(storage.remove, removals)
-        storage.end_journal(name)
+        if settled:
+            storage.end_journal(name)
     if indexed:
         log.warning("recovery: indexed %d files written before an interrupted commit", indexed)
     return indexed
@@ -126,12 +132,21 @@ async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
 async def drop_missing(storage: StorageArea, index: SQLiteIndex) -> int:
     """Remove index rows whose file is gone; returns how many."""
     rows = await index.paths()
+    if not rows:
+        return 0  # a new storage folder, or nothing to check
     log.info("checking that the %d indexed files exist (the last stop was not clean)", len(rows))
 
     def missing() -> list[str]:
         return [uid for uid, rel in rows if not storage.absolute(rel).exists()]
 
     gone = await asyncio.to_thread(missing)
+    if len(gone) > MISSING_LIMIT and len(gone) * 2 > len(rows):
+        # A crash loses at most the last moments' files; most of the archive missing
+        # means the wrong folder, or a disk that is not there. Never forget the index.
+        raise StorageError(
+            f"{len(gone)} of {len(rows)} indexed files are missing from {storage.root};"
+            " is the right disk or NAS mounted? Refusing to start."
+        )
     for uid in gone:
         log.error("recovery: the file of %s is missing; removing its index row", uid)
     if gone:

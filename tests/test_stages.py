@@ -23,6 +23,7 @@ from pydicom.uid import (
 from engine import status
 from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, Existing, decide
+from engine.errors import StorageError
 from engine.index.base import InstanceRow, QuarantineRow
 from engine.index.sqlite import SQLiteIndex
 from engine.model import Origin, Outcome, Received, Rejection
@@ -174,7 +175,7 @@ def test_take_batch_takes_what_is_queued_and_never_waits_to_fill() -> None:
 
 def test_write_batch_places_files_and_journals_them(tmp_path: Path) -> None:
     area = StorageArea(tmp_path / "st", tmp_path / "q", fsync=True)
-    assert area.prepare() is False  # first start: no clean-shutdown mark yet
+    assert area.prepare(expect_existing=False) is False  # first start: no clean mark yet
     rel = area.instance_path("1.2.3", "1.2.3.4", "ab" * 32)
     good = PendingFile(rel, (b"head", b"body"), {"path": rel})
     bad = PendingFile("../outside/../../" + "x" * 300, (b"x",), {"path": "bad"})
@@ -187,7 +188,47 @@ def test_write_batch_places_files_and_journals_them(tmp_path: Path) -> None:
     area.end_journal(journal)
     assert list(area.journals()) == []
     area.mark_clean()
-    assert area.prepare() is True
+    area.release()
+    assert area.prepare(expect_existing=True) is True
+    # One engine per storage folder.
+    with pytest.raises(StorageError, match="another engine"):
+        StorageArea(tmp_path / "st", tmp_path / "q", fsync=True).prepare(expect_existing=True)
+    area.release()
+
+
+def test_a_missing_storage_folder_is_refused_when_the_index_lists_files(tmp_path: Path) -> None:
+    area = StorageArea(tmp_path / "nas" / "pacs", tmp_path / "q", fsync=True)
+    with pytest.raises(StorageError, match="NAS mounted"):
+        area.prepare(expect_existing=True)
+    assert not (tmp_path / "nas").exists()  # no empty folder made in its place
+
+
+def test_a_decoder_past_its_time_is_refused_and_the_pool_replaced() -> None:
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    from engine.codecs import DecodeError, Decoder
+
+    path = get_testdata_file("MR_small_jp2klossless.dcm", download=False)
+    assert path is not None
+    ds = dcmread(path)
+    data = encode(ds, str(ds.file_meta.TransferSyntaxUID))
+
+    async def scenario() -> None:
+        slow = Decoder(workers=1, timeout=0.000001)
+        try:
+            with pytest.raises(DecodeError, match="did not finish"):
+                await slow.process(data, ds.file_meta.TransferSyntaxUID, transcode=True)
+        finally:
+            slow.close()
+        decoder = Decoder(workers=1, timeout=60)
+        try:
+            payload, syntax = await decoder.process(data, ds.file_meta.TransferSyntaxUID, True)
+            assert syntax == ExplicitVRLittleEndian and len(payload) > len(data)
+        finally:
+            decoder.close()
+
+    asyncio.run(scenario())
 
 
 # -- index --------------------------------------------------------------------------

@@ -198,6 +198,11 @@ class SQLiteIndex:
                     found[uid] = (digest, path, series_uid, study_uid)
         return found
 
+    async def has_instances(self) -> bool:
+        async with self.reader.execute("SELECT EXISTS (SELECT 1 FROM instances)") as cursor:
+            row = await cursor.fetchone()
+        return bool(row and row[0])
+
     async def stats(self) -> dict[str, int]:
         return await read_stats(self.reader)
 
@@ -289,9 +294,6 @@ class SQLiteIndex:
                 log.exception("rollback failed")
             raise
         return report
-
-    async def record_quarantine(self, quarantined: list[QuarantineRow]) -> None:
-        await self.commit_batch([], quarantined, lambda existing, digest: Decision.NEW)
 
     async def forget(self, sop_instance_uids: list[str]) -> None:
         """Remove rows (whose files are gone) and recount their series and studies."""

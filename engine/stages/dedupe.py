@@ -22,6 +22,16 @@ from engine.stages.flow import Item, Stop, forward, take_batch
 log = logging.getLogger(__name__)
 
 
+OUTCOME_OF = {
+    Decision.NEW: Outcome.STORED,
+    Decision.SAME: Outcome.ALREADY_STORED,
+    Decision.KEEP: Outcome.KEPT_EXISTING,
+    Decision.OVERWRITE: Outcome.OVERWRITTEN,
+    Decision.REJECT: Outcome.DUPLICATE_REJECTED,
+}
+DUPLICATE_MESSAGE = "an instance with this SOP Instance UID and different content is already stored"
+
+
 class Lookup(Protocol):
     async def lookup(self, sop_instance_uids: list[str]) -> dict[str, Existing]: ...
 
@@ -29,23 +39,14 @@ class Lookup(Protocol):
 def apply(item: Item, decision: Decision, existing: Existing | None) -> None:
     """Resolve or reject the item when the decision ends its journey here."""
     uid = item.received.sop_instance_uid
-    if decision is Decision.SAME:
-        assert existing is not None
-        item.resolve(
-            Result(Outcome.ALREADY_STORED, "identical instance already stored", existing.path)
-        )
-    elif decision is Decision.KEEP:
-        assert existing is not None
-        log.warning("%s received again with different content; keeping the stored copy", uid)
-        item.resolve(
-            Result(Outcome.KEPT_EXISTING, "different instance with this UID kept", existing.path)
-        )
-    elif decision is Decision.REJECT:
+    if decision is Decision.REJECT:
         log.warning("%s received again with different content; rejected by policy", uid)
-        item.reject(
-            Outcome.DUPLICATE_REJECTED,
-            "an instance with this SOP Instance UID and different content is already stored",
-        )
+        item.reject(OUTCOME_OF[decision], DUPLICATE_MESSAGE)
+    elif decision in (Decision.SAME, Decision.KEEP):
+        assert existing is not None
+        if decision is Decision.KEEP:
+            log.warning("%s received again with different content; keeping the stored copy", uid)
+        item.resolve(Result(OUTCOME_OF[decision], "", existing.path))
 
 
 async def run(

@@ -8,7 +8,7 @@ never held back; under a burst batches grow by themselves.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.model import Outcome, Received, Result, Validated
 
@@ -35,7 +35,7 @@ class Item:
     path: str | None = None  # relative path of the written file
     quarantine_path: str | None = None  # relative to the quarantine folder
     journal: str | None = None  # the write batch's journal name
-    notes: list[str] = field(default_factory=list)
+    size: int = 0  # bytes of the written file
 
     def reject(self, outcome: Outcome, message: str) -> None:
         if self.rejection is None:

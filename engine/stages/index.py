@@ -17,23 +17,15 @@ from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, decide
 from engine.index.base import Decide, Index, InstanceRow, QuarantineRow
 from engine.model import Outcome, Result
+from engine.stages.dedupe import DUPLICATE_MESSAGE, OUTCOME_OF
 from engine.stages.flow import Item, Stop, take_batch
 from engine.stages.write import InFlight, StorageThread, quarantine
 from engine.storage.area import StorageArea
 
 log = logging.getLogger(__name__)
 
-_OUTCOME = {
-    Decision.NEW: Outcome.STORED,
-    Decision.SAME: Outcome.ALREADY_STORED,
-    Decision.KEEP: Outcome.KEPT_EXISTING,
-    Decision.OVERWRITE: Outcome.OVERWRITTEN,
-    Decision.REJECT: Outcome.DUPLICATE_REJECTED,
-}
-DUPLICATE_MESSAGE = "an instance with this SOP Instance UID and different content is already stored"
 
-
-def instance_row(item: Item, size: int) -> InstanceRow:
+def instance_row(item: Item) -> InstanceRow:
     v = item.validated
     assert v is not None and item.path is not None
     origin = item.received.origin
@@ -41,7 +33,7 @@ def instance_row(item: Item, size: int) -> InstanceRow:
         attributes=v.attributes,
         transfer_syntax=v.payload_syntax,
         path=item.path,
-        size=size,
+        size=item.size,
         digest=v.digest,
         received_at=item.received.received_at,
         calling_ae=origin.calling_ae,
@@ -68,11 +60,6 @@ def quarantine_row(item: Item) -> QuarantineRow:
     )
 
 
-def file_size(storage: StorageArea, item: Item) -> int:
-    assert item.path is not None and item.validated is not None
-    return storage.absolute(item.path).stat().st_size
-
-
 class IndexStage:
     def __init__(
         self,
@@ -93,15 +80,14 @@ class IndexStage:
         refused = [i for i in batch if i.rejection is not None]
         quarantined = [i for i in refused if i.rejection and i.rejection.outcome.quarantines]
         try:
-            sizes = await self.thread.run(lambda: [file_size(self.storage, i) for i in written])
-            rows = [instance_row(item, size) for item, size in zip(written, sizes, strict=True)]
+            rows = [instance_row(item) for item in written]
             report = await self.index.commit_batch(
                 rows, [quarantine_row(i) for i in quarantined], self.decide
             )
         except Exception as exc:
             # Files stay, journals stay: the start-up recovery settles them. Nothing
             # here may delete a file another item could be committing right now.
-            full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+            full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
             log.exception("index commit failed for a batch of %d", len(batch))
             outcome = Outcome.OUT_OF_RESOURCES if full else Outcome.PROCESSING_FAILURE
             for item in batch:
@@ -126,9 +112,9 @@ class IndexStage:
                 item.reject(Outcome.DUPLICATE_REJECTED, DUPLICATE_MESSAGE)
                 duplicates.append(item)
             elif decision in (Decision.SAME, Decision.KEEP) and existing is not None:
-                item.resolve(Result(_OUTCOME[decision], "", existing.path))
+                item.resolve(Result(OUTCOME_OF[decision], "", existing.path))
             else:
-                item.resolve(Result(_OUTCOME[decision], "", item.path))
+                item.resolve(Result(OUTCOME_OF[decision], "", item.path))
         removable = [p for p in report.unreferenced if not self.in_flight.holds(p)]
         await self.thread.run(self._after_commit, removable, finished_journals, duplicates)
         if duplicates:

@@ -31,8 +31,16 @@ class Receiver:
         self.in_pipeline = 0  # items put in the queue and not yet answered
         self.waiting = 0  # submitters blocked on a full queue
         self.closed = False
-        # Seconds from a complete request to its answer, latest first out (thread-safe appends).
+        self._none_waiting = asyncio.Event()
+        # Seconds from a complete request to its answer; the oldest samples drop out.
+        # deque.append is atomic, so association threads append without a lock.
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+
+    async def drained(self) -> None:
+        """Return once no sender is blocked on the first queue (call after closing)."""
+        while self.waiting:
+            self._none_waiting.clear()
+            await self._none_waiting.wait()
 
     async def submit(self, received: Received) -> Result:
         """Put one item into the pipeline and wait for its result (on the loop)."""
@@ -44,6 +52,8 @@ class Receiver:
             await self.queue.put(item)
         finally:
             self.waiting -= 1
+            if self.waiting == 0:
+                self._none_waiting.set()
         self.in_pipeline += 1
         try:
             # Cancelled when the sender gives up: the item is then dropped at the

@@ -163,6 +163,7 @@ def write_batch(storage: StorageArea, items: list[Item]) -> None:
     for item, pending in writes:
         if pending.error is None:
             item.journal = journal
+            item.size = sum(len(chunk) for chunk in pending.chunks)
             continue
         outcome = (
             Outcome.OUT_OF_RESOURCES

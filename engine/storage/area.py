@@ -7,6 +7,7 @@ Layout under the configured root (local disk or a NAS mount)::
     .journal/<batch>.json                                      files renamed, rows not yet committed
     .quarantine/<YYYYMMDD>/<time>-<id>.dcm + .json             rejected input (default place)
     .clean-shutdown                                            present only while stopped cleanly
+    .lock                                                      flock held by the running engine
 
 Invariants:
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 INCOMING = ".incoming"
 JOURNAL = ".journal"
 CLEAN_MARK = ".clean-shutdown"
+LOCK = ".lock"
 SUFFIX = ".dcm"
 DIGEST_IN_NAME = 16
 
@@ -72,14 +75,26 @@ class StorageArea:
         self.fsync = fsync
         self.incoming = root / INCOMING
         self.journal_dir = root / JOURNAL
+        self._lock_fd: int | None = None
 
     # -- start and stop -------------------------------------------------------
 
-    def prepare(self) -> bool:
-        """Create the folders; clear temp files. Returns whether the last stop was clean."""
+    def prepare(self, expect_existing: bool) -> bool:
+        """Lock the folder, create what is missing, clear temp files.
+
+        ``expect_existing``: the index already lists files, so the root must exist;
+        a missing root (an unmounted NAS) is an error, never a fresh empty folder.
+        Returns whether the last stop was clean.
+        """
+        if expect_existing and not self.root.is_dir():
+            raise StorageError(
+                f"the storage folder {self.root} does not exist but the index lists files in it;"
+                " is the disk or NAS mounted?"
+            )
         try:
             for folder in (self.root, self.incoming, self.journal_dir, self.quarantine_root):
                 folder.mkdir(parents=True, exist_ok=True)
+            self._lock()
             probe = self.incoming / f"probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -95,6 +110,21 @@ class StorageArea:
         was_clean = mark.exists()
         mark.unlink(missing_ok=True)
         return was_clean
+
+    def _lock(self) -> None:
+        """One engine per storage folder: a second one would clear the first's temp files
+        and replay its live journals. The lock lives as long as the process."""
+        self._lock_fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StorageError(f"another engine is using the storage folder {self.root}") from None
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def mark_clean(self) -> None:
         (self.root / CLEAN_MARK).write_bytes(b"")
@@ -206,7 +236,9 @@ class StorageArea:
             try:
                 entries = orjson.loads(path.read_bytes())
             except (OSError, orjson.JSONDecodeError) as exc:
-                # Written before any rename: an unreadable journal named no file in place.
+                # With fsync on, a journal is synced before any rename: an unreadable one
+                # named no file in place. With fsync off a power cut can tear it; the files
+                # it named then stay on disk without rows.
                 log.warning("ignoring unreadable journal %s: %s", path.name, exc)
                 entries = []
             yield path.stem, entries
@@ -241,17 +273,6 @@ class StorageArea:
         if self.fsync:
             _fsync_dir(folder)
         return f"{day}/{data_path.name}"
-
-    def count_files(self) -> int:
-        """Instance files on disk (for tests and checks; walks the whole tree)."""
-        return sum(1 for _ in self.walk())
-
-    def walk(self) -> Iterator[Path]:
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for filename in filenames:
-                if filename.endswith(SUFFIX):
-                    yield Path(dirpath) / filename
 
 
 def _fsync_dir(directory: Path) -> None:
