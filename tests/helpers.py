@@ -161,6 +161,17 @@ class Engine:
         return notes
 
 
+def serve_until_exit(config_path: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """``python -m engine serve`` for a start that must fail: returns with its message."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--config", str(config_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def dcmtk_env() -> dict[str, str]:
     """dcmtk leaves Nagle's algorithm on unless told: 45 ms per message otherwise."""
     return {**os.environ, "TCP_NODELAY": "1"}

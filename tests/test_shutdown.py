@@ -3,8 +3,6 @@ engine exits 0 and marks the stop clean; and a bad configuration stops it at onc
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -16,7 +14,7 @@ from engine import config as config_module
 from engine import status
 from engine.config import Config
 from tests.burst import Burst, burst_datasets, check_store, close_socket, raw_socket, restart
-from tests.helpers import REPO, Engine, write_config
+from tests.helpers import REPO, Engine, serve_until_exit, write_config
 
 SENDERS = 4
 PER_SENDER = 80
@@ -95,17 +93,6 @@ def test_sigterm_aborts_what_is_still_open_when_the_grace_ends(tmp_path: Path) -
 # -- configuration -----------------------------------------------------------------------
 
 
-def _serve(config_path: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m engine serve``; a config it accepts would serve until the timeout."""
-    return subprocess.run(
-        [sys.executable, "-m", "engine", "serve", "--config", str(config_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
 @pytest.mark.parametrize(
     ("section", "values", "named"),
     [
@@ -124,7 +111,7 @@ def test_bad_config_stops_serve_at_once_naming_the_key(
 ) -> None:
     engine = Engine(tmp_path / "engine", overrides={section: values})
     assert engine.config_path is not None
-    result = _serve(engine.config_path)
+    result = serve_until_exit(engine.config_path)
     assert result.returncode != 0
     assert f"'{named}'" in result.stderr
     assert result.stderr.startswith("error: ")
@@ -135,7 +122,7 @@ def test_bad_config_stops_serve_at_once_naming_the_key(
 
 def test_config_without_a_required_section_is_refused(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"dicom": {"port": 11112}, "storage": {"path": "s"}})
-    result = _serve(path)
+    result = serve_until_exit(path)
     assert result.returncode != 0
     assert "missing section [index]" in result.stderr
 

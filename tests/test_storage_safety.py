@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine import status
-from tests.helpers import REPO, Engine, ct_dataset, send_datasets, write_config
+from tests.helpers import Engine, ct_dataset, send_datasets, serve_until_exit, write_config
 
 pytestmark = pytest.mark.peers
 
@@ -22,17 +20,6 @@ def _fill(engine: Engine, n: int = 12) -> dict[str, int]:
     datasets = [ct_dataset(study, series, i) for i in range(n)]
     assert {code for _, code in send_datasets(engine, datasets)} == {status.SUCCESS}
     return engine.stats()
-
-
-def _serve(config: Path) -> subprocess.CompletedProcess[str]:
-    """A start that must fail: it returns at once with the engine's message."""
-    return subprocess.run(
-        [sys.executable, "-m", "engine", "serve", "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_a_second_engine_on_the_same_storage_is_refused(tmp_path: Path) -> None:
@@ -49,7 +36,7 @@ def test_a_second_engine_on_the_same_storage_is_refused(tmp_path: Path) -> None:
                 "index": {"path": "index.sqlite"},
             },
         )
-        done = _serve(config)
+        done = serve_until_exit(config)
         assert done.returncode != 0
         assert "another engine is using the storage folder" in done.stderr
         # The first engine's temp files and journals were not touched: it goes on.
@@ -69,7 +56,7 @@ def test_an_unmounted_storage_folder_stops_the_start_and_forgets_nothing(tmp_pat
     away = tmp_path / "unmounted"
     engine.storage.rename(away)
 
-    done = _serve(engine.config_path)
+    done = serve_until_exit(engine.config_path)
     assert done.returncode != 0
     assert "is the disk or NAS mounted" in done.stderr
     assert not engine.storage.exists()  # no empty folder made in its place
@@ -91,7 +78,7 @@ def test_most_files_missing_refuses_to_start_instead_of_dropping_rows(tmp_path: 
     for path in engine.stored_files():
         path.unlink()
 
-    done = _serve(engine.config_path)
+    done = serve_until_exit(engine.config_path)
     assert done.returncode != 0
     assert "12 of 12 indexed files are missing" in done.stderr
 
