@@ -15,3 +15,7 @@ class IndexDatabaseError(EngineError):
 
 class StorageError(EngineError):
     """The storage folder cannot be prepared (permissions, not a directory, ...)."""
+
+
+class ProtocolError(EngineError):
+    """A peer broke the DICOM upper layer or DIMSE encoding; the association is aborted."""
