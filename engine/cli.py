@@ -18,7 +18,7 @@ import uvloop
 
 from engine import config as config_module
 from engine.config import Config
-from engine.dicom.scp import StoreSCP
+from engine.dicom.listener import Listener, make_listener
 from engine.errors import EngineError
 from engine.index.sqlite import SQLiteIndex, stats_of
 from engine.pipeline import Pipeline
@@ -33,7 +33,7 @@ DEFAULT_CONFIG = Path("config.toml")
 async def serve(
     config: Config,
     stop: asyncio.Event,
-    on_ready: Callable[[Pipeline, StoreSCP], None] | None = None,
+    on_ready: Callable[[Pipeline, Listener], None] | None = None,
 ) -> None:
     """Run the engine until ``stop`` is set; then drain, answer and close cleanly.
 
@@ -47,16 +47,16 @@ async def serve(
         await recover(storage, index, was_clean)
         pipeline = Pipeline(config, index, storage)
         async with pipeline.running():
-            scp = StoreSCP(config.dicom, pipeline.receiver)
-            await asyncio.to_thread(scp.start)
+            listener = make_listener(config.dicom, config.ingest, pipeline.receiver)
+            await listener.start()
             try:
                 log.info("engine ready: storage %s, index %s", storage.root, index.path)
                 if on_ready is not None:
-                    on_ready(pipeline, scp)
+                    on_ready(pipeline, listener)
                 await stop.wait()
                 log.info("stopping: no new associations; finishing what is in flight")
             finally:
-                await asyncio.to_thread(scp.stop, config.dicom.shutdown_grace)
+                await listener.stop(config.dicom.shutdown_grace)
             log.info("ingest summary: %s", orjson.dumps(pipeline.receiver.summary()).decode())
         storage.mark_clean()
         log.info("engine stopped cleanly")

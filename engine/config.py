@@ -26,6 +26,13 @@ from engine.errors import ConfigError
 AE_TITLE_MAX = 16
 
 
+class TransportKind(StrEnum):
+    """Which DICOM upper layer receives associations."""
+
+    NATIVE = "native"  # asyncio-native (engine/dicom/association.py)
+    PYNETDICOM = "pynetdicom"  # pynetdicom's threaded server, bridged into the loop
+
+
 class DuplicatePolicy(StrEnum):
     """What to do when a SOP Instance UID arrives again with different content."""
 
@@ -44,6 +51,7 @@ class Transcode(StrEnum):
 @dataclass(frozen=True, slots=True)
 class DicomConfig:
     ae_title: str = "ENGINE"
+    transport: TransportKind = TransportKind.PYNETDICOM
     host: str = "0.0.0.0"
     port: int = 11112
     maximum_associations: int = 64

@@ -23,10 +23,12 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from engine import config as config_module
 from engine.cli import serve
-from engine.dicom.scp import StoreSCP
+from engine.dicom.listener import Listener
 from engine.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parent.parent
+# The suite runs once per DICOM transport: ENGINE_TRANSPORT=native or pynetdicom.
+TRANSPORT = os.environ.get("ENGINE_TRANSPORT", "")
 WAIT = 30.0
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
@@ -71,7 +73,8 @@ class Engine:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         sections: dict[str, dict[str, Any]] = {
-            "dicom": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port},
+            "dicom": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
+            | ({"transport": TRANSPORT} if TRANSPORT else {}),
             "storage": {"path": "storage"},
             "index": {"path": "index.sqlite"},
         }
@@ -294,7 +297,7 @@ def send_datasets(
 @dataclass
 class InProcess:
     pipeline: Pipeline
-    scp: StoreSCP
+    listener: Listener
     port: int
     ae_title: str = "ENGINE"
 
@@ -303,7 +306,8 @@ class InProcess:
 def engine_in_thread(folder: Path, **sections: dict[str, Any]) -> Iterator[InProcess]:
     port = free_port()
     raw: dict[str, dict[str, Any]] = {
-        "dicom": {"ae_title": "ENGINE", "host": "127.0.0.1", "port": port},
+        "dicom": {"ae_title": "ENGINE", "host": "127.0.0.1", "port": port}
+        | ({"transport": TRANSPORT} if TRANSPORT else {}),
         "storage": {"path": "storage"},
         "index": {"path": "index.sqlite"},
     }
@@ -318,8 +322,8 @@ def engine_in_thread(folder: Path, **sections: dict[str, Any]) -> Iterator[InPro
         holder["stop"] = stop
         holder["loop"] = asyncio.get_running_loop()
 
-        def on_ready(pipeline: Pipeline, scp: StoreSCP) -> None:
-            holder["engine"] = InProcess(pipeline, scp, scp.port)
+        def on_ready(pipeline: Pipeline, listener: Listener) -> None:
+            holder["engine"] = InProcess(pipeline, listener, listener.port)
             ready.set()
 
         await serve(config, stop, on_ready)

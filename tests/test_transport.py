@@ -10,7 +10,23 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from engine import status
-from tests.helpers import ct_dataset, engine_in_thread
+from engine.dicom.listener import ThreadedListener
+from engine.dicom.server import NativeServer
+from tests.helpers import InProcess, ct_dataset, engine_in_thread
+
+
+def server_socket(eng: InProcess) -> socket.socket:
+    """The engine's side of the one open association, whichever transport has it."""
+    listener = eng.listener
+    if isinstance(listener, ThreadedListener):
+        (association,) = listener.scp.ae.active_associations
+        sock: socket.socket = association.dul.socket.socket
+        return sock
+    assert isinstance(listener, NativeServer)
+    (native,) = listener.associations
+    assert native.transport is not None
+    found: socket.socket = native.transport.get_extra_info("socket")
+    return found
 
 
 def test_accepted_sockets_have_tcp_nodelay(tmp_path: Path) -> None:
@@ -20,8 +36,7 @@ def test_accepted_sockets_have_tcp_nodelay(tmp_path: Path) -> None:
         assoc = ae.associate("127.0.0.1", eng.port, ae_title=eng.ae_title)
         assert assoc.is_established
         try:
-            (server_side,) = eng.scp.ae.active_associations
-            sock = server_side.dul.socket.socket
+            sock = server_socket(eng)
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             ds = ct_dataset(generate_uid(), generate_uid(), 1)
             assert assoc.send_c_store(ds).Status == status.SUCCESS

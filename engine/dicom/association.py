@@ -1,0 +1,361 @@
+"""One association on the native transport: an ``asyncio.Protocol`` over the state machine.
+
+Bytes come in through ``data_received``, are cut into PDUs by the ``Framer``
+(memoryviews of the received chunks, no copy), become events of the state machine
+(``fsm.py``), and the machine's actions are carried out here: send a PDU, start or
+stop the ARTIM timer, hand a complete DIMSE message to the services, close.
+
+P-DATA fragments of a dataset are kept as views and joined once, when the last one
+arrives. A request runs as a task owned by the server; its response goes out when
+the pipeline has resolved the item. Timers:
+
+- ARTIM (``acse_timeout``): a connection that says nothing, or a peer that does not
+  close after our last word, is dropped.
+- idle (``network_timeout``): an association silent for that long while nothing is
+  owed to it is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from engine.dicom import acse, dimse, pdu
+from engine.dicom.fsm import Action, Event, State, transition
+from engine.dicom.services import Request
+from engine.errors import ProtocolError
+from engine.model import Origin
+
+if TYPE_CHECKING:
+    from engine.dicom.server import NativeServer
+
+log = logging.getLogger(__name__)
+
+# Requests one association may have in flight before we stop reading from it.
+MAX_OUTSTANDING = 4
+
+_PDU_EVENTS = {
+    pdu.PDUType.ASSOCIATE_RQ: Event.EVT6,
+    pdu.PDUType.ASSOCIATE_AC: Event.EVT3,
+    pdu.PDUType.ASSOCIATE_RJ: Event.EVT4,
+    pdu.PDUType.P_DATA_TF: Event.EVT10,
+    pdu.PDUType.RELEASE_RQ: Event.EVT12,
+    pdu.PDUType.RELEASE_RP: Event.EVT13,
+    pdu.PDUType.ABORT: Event.EVT16,
+}
+
+
+class Association(asyncio.Protocol):
+    def __init__(self, server: NativeServer) -> None:
+        self.server = server
+        self.state = State.STA1
+        self.framer = pdu.Framer(server.max_pdu_body)
+        self.transport: asyncio.Transport | None = None
+        self.origin = Origin("", 0, "", "")
+        self.contexts: dict[int, acse.AcceptedContext] = {}
+        self.peer_max_pdu = 0
+        self._artim: asyncio.TimerHandle | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._last_activity = time.monotonic()
+        self._command_parts: list[memoryview] = []
+        self._command: dimse.Command | None = None
+        self._command_context = 0
+        self._data_parts: list[memoryview] = []
+        self.outstanding = 0
+        self._release_pending = False
+        self._abort_reason = pdu.AbortReason.NOT_SPECIFIED
+        self._actions: dict[Action, Callable[[Any], None]] = {
+            Action.AE5: self._ae5,
+            Action.AE6: self._ae6,
+            Action.AE7: self._ae7,
+            Action.AE8: self._ae8,
+            Action.DT1: self._dt1,
+            Action.DT2: self._dt2,
+            Action.AR2: self._ar2,
+            Action.AR4: self._ar4,
+            Action.AR5: self._stop_artim,
+            Action.AA1: self._aa1,
+            Action.AA2: self._aa2,
+            Action.AA3: self._aa3,
+            Action.AA4: self._aa4,
+            Action.AA5: self._stop_artim,
+            Action.AA6: _ignore,
+            Action.AA7: self._aa7,
+            Action.AA8: self._aa8,
+        }
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.origin = Origin(str(peer[0]), int(peer[1]), "", "")
+        self.server.associations.add(self)
+        self._event(Event.EVT5)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        try:
+            pdus = self.framer.feed(data)
+        except ProtocolError as exc:
+            self._protocol_error(str(exc), pdu.AbortReason.INVALID_PDU_PARAMETER)
+            return
+        for pdu_type, body in pdus:
+            if self.state is State.STA1:
+                return
+            self._event(_PDU_EVENTS[pdu.PDUType(pdu_type)], body)
+
+    def eof_received(self) -> bool:
+        if self.framer.pending:
+            log.warning("%s closed the connection in the middle of a PDU", self._who())
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        if self.state is not State.STA1:
+            self._event(Event.EVT17)
+        self.transport = None
+        self._data_parts.clear()
+        self._command_parts.clear()
+        self.server.associations.discard(self)
+
+    # -- the state machine --------------------------------------------------------------
+
+    def _event(self, event: Event, argument: Any = None) -> None:
+        action, self.state = transition(self.state, event)
+        self._actions[action](argument)
+
+    def abort(self) -> None:
+        """A local A-ABORT (shutdown, idle timeout)."""
+        self._event(Event.EVT15)
+
+    def _protocol_error(self, message: str, reason: pdu.AbortReason) -> None:
+        log.warning("protocol error from %s: %s; aborting", self._who(), message)
+        self._abort_reason = reason
+        self._event(Event.EVT19)
+
+    # -- actions ------------------------------------------------------------------------
+
+    def _ae5(self, _: Any) -> None:
+        self._start_artim()
+
+    def _ae6(self, body: memoryview) -> None:
+        self._stop_artim()
+        try:
+            request = acse.decode_associate_rq(body)
+        except ProtocolError as exc:
+            self._protocol_error(
+                f"bad A-ASSOCIATE-RQ: {exc}", pdu.AbortReason.INVALID_PDU_PARAMETER
+            )
+            return
+        self.origin = Origin(
+            self.origin.peer_ip, self.origin.peer_port, request.calling_ae, request.called_ae
+        )
+        refusal = self.server.refusal(request)
+        if refusal is not None:
+            self._event(Event.EVT8, refusal)
+            return
+        results = acse.negotiate(request, self.server.settings)
+        self.contexts = {
+            r.context_id: r for r in results if r.result is acse.ContextResult.ACCEPTANCE
+        }
+        self.peer_max_pdu = request.max_pdu_length
+        self._event(Event.EVT7, acse.encode_associate_ac(request, results, self.server.settings))
+
+    def _ae7(self, ac: bytes) -> None:
+        self._write(ac)
+        self._arm_idle()
+        log.info(
+            "association accepted: %s from %s:%d (%d of the proposed contexts)",
+            self.origin.calling_ae,
+            self.origin.peer_ip,
+            self.origin.peer_port,
+            len(self.contexts),
+        )
+
+    def _ae8(self, rj: tuple[bytes, str]) -> None:
+        pdu_bytes, why = rj
+        log.warning(
+            "association rejected: %s from %s:%d: %s",
+            self.origin.calling_ae,
+            self.origin.peer_ip,
+            self.origin.peer_port,
+            why,
+        )
+        self._write(pdu_bytes)
+        self._start_artim()
+
+    def _dt1(self, pdus: list[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(pdus)
+
+    def _dt2(self, body: memoryview) -> None:
+        try:
+            for pdv in pdu.parse_pdata(body):
+                self._take(pdv)
+        except ProtocolError as exc:
+            self._protocol_error(str(exc), pdu.AbortReason.INVALID_PDU_PARAMETER)
+
+    def _ar2(self, _: Any) -> None:
+        if self.outstanding:
+            self._release_pending = True  # the answers still owed go out first
+        else:
+            self._event(Event.EVT14)
+
+    def _ar4(self, _: Any) -> None:
+        self._write(pdu.RELEASE_RP_PDU)
+        self._start_artim()
+
+    def _aa1(self, _: Any) -> None:
+        self._write(pdu.encode_abort(pdu.AbortSource.SERVICE_USER, pdu.AbortReason.NOT_SPECIFIED))
+        self._start_artim()
+
+    def _aa2(self, _: Any) -> None:
+        self._stop_artim()
+        self._close()
+
+    def _aa3(self, _: Any) -> None:
+        log.warning("association aborted by %s", self._who())
+        self._close()
+
+    def _aa4(self, _: Any) -> None:
+        if self.outstanding or self._command is not None:
+            log.warning("connection with %s lost during a transfer", self._who())
+
+    def _aa7(self, _: Any) -> None:
+        self._write(pdu.encode_abort(pdu.AbortSource.SERVICE_PROVIDER, self._abort_reason))
+
+    def _aa8(self, _: Any) -> None:
+        self._write(pdu.encode_abort(pdu.AbortSource.SERVICE_PROVIDER, self._abort_reason))
+        self._start_artim()
+
+    # -- DIMSE message assembly -------------------------------------------------------
+
+    def _take(self, pdv: pdu.PDV) -> None:
+        context = self.contexts.get(pdv.context_id)
+        if context is None:
+            raise ProtocolError(f"presentation context {pdv.context_id} was not accepted")
+        if pdv.is_command:
+            if self._command is not None:
+                raise ProtocolError("a command fragment arrived while a dataset was expected")
+            self._command_parts.append(pdv.data)
+            if sum(len(part) for part in self._command_parts) > dimse.MAX_COMMAND_SET_LENGTH:
+                raise ProtocolError("command set larger than any DIMSE command")
+            if not pdv.is_last:
+                return
+            command = dimse.decode_command(b"".join(self._command_parts))
+            self._command_parts.clear()
+            if command.has_dataset:
+                self._command, self._command_context = command, pdv.context_id
+            else:
+                self._dispatch(command, None, context)
+            return
+        if self._command is None or pdv.context_id != self._command_context:
+            raise ProtocolError("a dataset fragment arrived without its command")
+        self._data_parts.append(pdv.data)
+        if pdv.is_last:
+            dataset = b"".join(self._data_parts)  # the one copy of the dataset
+            self._data_parts.clear()
+            command, self._command = self._command, None
+            self._dispatch(command, dataset, context)
+
+    def _dispatch(
+        self, command: dimse.Command, dataset: bytes | None, context: acse.AcceptedContext
+    ) -> None:
+        request = Request(
+            origin=self.origin,
+            abstract_syntax=context.abstract_syntax,
+            transfer_syntax=context.transfer_syntax,
+            command=command,
+            dataset=dataset,
+            completed_at=time.monotonic(),
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s: 0x%04X %s (%d bytes)",
+                self._who(),
+                command.command_field,
+                command.affected_sop_instance_uid,
+                len(dataset or b""),
+            )
+        self.outstanding += 1
+        if self.outstanding >= MAX_OUTSTANDING and self.transport is not None:
+            self.transport.pause_reading()
+        self.server.spawn(self._serve(request, context.context_id))
+
+    async def _serve(self, request: Request, context_id: int) -> None:
+        try:
+            response = await self.server.services.handle(request)
+        except Exception:
+            log.exception("a DIMSE service failed")  # Services answers its own errors
+            return
+        finally:
+            self.outstanding -= 1
+        if self.transport is None or self.state not in (State.STA6, State.STA8):
+            return  # the peer left or aborted: nobody to answer
+        if response is None:
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: answering %s", self._who(), request.command.affected_sop_instance_uid)
+        self._event(Event.EVT9, pdu.encode_pdata(context_id, True, response, self.peer_max_pdu))
+        if self.outstanding < MAX_OUTSTANDING:
+            self.transport.resume_reading()
+        if self._release_pending and not self.outstanding and self.state is State.STA8:
+            self._release_pending = False
+            self._event(Event.EVT14)
+
+    # -- timers and I/O -----------------------------------------------------------------
+
+    def _start_artim(self) -> None:
+        self._stop_artim()
+        loop = asyncio.get_running_loop()
+        self._artim = loop.call_later(self.server.acse_timeout, self._event, Event.EVT18)
+
+    def _stop_artim(self, _: Any = None) -> None:
+        if self._artim is not None:
+            self._artim.cancel()
+            self._artim = None
+
+    def _arm_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_later(self.server.network_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle = None
+        if self.state not in (State.STA6, State.STA8):
+            return
+        silent = time.monotonic() - self._last_activity
+        if silent >= self.server.network_timeout and not self.outstanding:
+            log.warning("%s silent for %.0f s; aborting the association", self._who(), silent)
+            self.abort()
+            return
+        self._arm_idle()
+
+    def _cancel_timers(self) -> None:
+        self._stop_artim()
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _who(self) -> str:
+        o = self.origin
+        return f"{o.calling_ae or '?'} ({o.peer_ip}:{o.peer_port})"
+
+
+def _ignore(_: Any) -> None:
+    return None

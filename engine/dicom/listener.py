@@ -1,0 +1,42 @@
+"""The DICOM listener the engine runs, by ``[dicom] transport``; one small interface."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from engine.config import DicomConfig, IngestConfig, TransportKind
+from engine.dicom.scp import StoreSCP
+from engine.dicom.server import NativeServer
+from engine.dicom.services import Services
+from engine.stages.receive import Receiver
+
+
+class Listener(Protocol):
+    @property
+    def port(self) -> int: ...
+    async def start(self) -> None: ...
+    async def stop(self, grace: float) -> None: ...
+
+
+class ThreadedListener:
+    """pynetdicom's threaded server; its blocking calls run off the loop."""
+
+    def __init__(self, config: DicomConfig, receiver: Receiver) -> None:
+        self.scp = StoreSCP(config, receiver)
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.scp.start)
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.to_thread(self.scp.stop, grace)
+
+
+def make_listener(dicom: DicomConfig, ingest: IngestConfig, receiver: Receiver) -> Listener:
+    if dicom.transport is TransportKind.NATIVE:
+        return NativeServer(dicom, Services(receiver, ingest.store_timeout))
+    return ThreadedListener(dicom, receiver)
