@@ -139,12 +139,14 @@ class EnginePeer(Peer):
     name: str = "engine"
     ae_title: str = "ENGINE"
     fsync: bool = True
+    transport: str = "pynetdicom"
 
     def start(self) -> None:
         config = self.folder / "config.toml"
         config.write_text(
             "[dicom]\n"
             f'ae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'transport = "{self.transport}"\n'
             '[storage]\npath = "storage"\n'
             f"fsync = {'true' if self.fsync else 'false'}\n"
             '[index]\npath = "index.sqlite"\n'
@@ -236,8 +238,17 @@ class StorescpPeer(Peer):
         return sum(1 for p in (self.folder / "files").iterdir() if p.is_file())
 
 
+@dataclass
+class NativeEnginePeer(EnginePeer):
+    """The engine on its asyncio-native DICOM transport."""
+
+    name: str = "engine-native"
+    transport: str = "native"
+
+
 PEERS: dict[str, type[Peer]] = {
     "engine": EnginePeer,
+    "engine-native": NativeEnginePeer,
     "orthanc": OrthancPeer,
     "storescp": StorescpPeer,
 }

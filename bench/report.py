@@ -58,7 +58,7 @@ def summarise(runs: Iterable[dict[str, Any]]) -> list[Summary]:
         summaries.append(
             Summary(group, len(members), len(members) - len(good), median, low, high, extra)
         )
-    order = {"engine": 0, "orthanc": 1, "storescp": 2}
+    order = {"engine": 0, "engine-native": 1, "orthanc": 2, "storescp": 3}
     summaries.sort(
         key=lambda s: (
             s.group.syntax,
@@ -79,21 +79,35 @@ def _fmt(summary: Summary, figure: str) -> str:
     return f"{m:g} ({lo:g}-{hi:g})"
 
 
-def ratios(summaries: list[Summary]) -> dict[tuple[str, int, str], dict[str, float]]:
-    """engine / rival median instances/s, per (scenario, concurrency, syntax)."""
-    table: dict[tuple[str, int, str], dict[str, float]] = {}
+PEER_ORDER = {"engine": 0, "engine-native": 1, "orthanc": 2, "storescp": 3}
+
+
+def _peer_order(peer: str) -> int:
+    return PEER_ORDER.get(peer, len(PEER_ORDER))
+
+
+def is_engine(peer: str) -> bool:
+    return peer.startswith("engine")
+
+
+def ratios(summaries: list[Summary]) -> dict[tuple[str, int, str, str], dict[str, float]]:
+    """Each engine variant's median instances/s over each rival's, per
+    (scenario, concurrency, syntax, engine variant)."""
+    table: dict[tuple[str, int, str, str], dict[str, float]] = {}
     medians = {
         (s.group.scenario, s.group.concurrency, s.group.syntax, s.group.peer): s.median.get(
             "instances_per_s"
         )
         for s in summaries
     }
-    for (scenario, concurrency, syntax, peer), value in medians.items():
-        if peer == "engine" or value is None:
+    for (scenario, concurrency, syntax, peer), ours in medians.items():
+        if not is_engine(peer) or not ours:
             continue
-        ours = medians.get((scenario, concurrency, syntax, "engine"))
-        if ours:
-            table.setdefault((scenario, concurrency, syntax), {})[peer] = round(ours / value, 2)
+        for (sc, c, sy, rival), theirs in medians.items():
+            if (sc, c, sy) == (scenario, concurrency, syntax) and rival != peer and theirs:
+                table.setdefault((scenario, concurrency, syntax, peer), {})[rival] = round(
+                    ours / theirs, 2
+                )
     return table
 
 
@@ -128,17 +142,15 @@ def markdown(summaries: list[Summary], meta: dict[str, Any], failed: list[dict[s
     table = ratios(summaries)
     if table:
         lines += ["", "## Engine / rival, median instances per second", ""]
+        rivals = sorted({r for against in table.values() for r in against}, key=_peer_order)
         lines += [
-            "| scenario | C | syntax | vs Orthanc | vs storescp |",
-            "| --- | --- | --- | --- | --- |",
+            "| scenario | C | syntax | engine | " + " | ".join(f"vs {r}" for r in rivals) + " |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in rivals) + " |",
         ]
-        for (scenario, concurrency, syntax), against in sorted(table.items()):
-            vs_o = against.get("orthanc")
-            vs_s = against.get("storescp")
+        for (scenario, concurrency, syntax, engine), against in sorted(table.items()):
+            cells = [f"{against[r]:.2f}x" if r in against else "-" for r in rivals]
             lines.append(
-                f"| {scenario} | {concurrency} | {syntax} "
-                f"| {'-' if vs_o is None else f'{vs_o:.2f}x'} "
-                f"| {'-' if vs_s is None else f'{vs_s:.2f}x'} |"
+                f"| {scenario} | {concurrency} | {syntax} | {engine} | " + " | ".join(cells) + " |"
             )
     if failed:
         lines += ["", "## Failed runs (not averaged in)", ""]
@@ -157,7 +169,7 @@ def plot(summaries: list[Summary], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(s.group.syntax, s.group.scenario, s.group.concurrency) for s in summaries})
-    peers = sorted({s.group.peer for s in summaries}, key=lambda p: (p != "engine", p))
+    peers = sorted({s.group.peer for s in summaries}, key=lambda p: (not is_engine(p), p))
     width = 0.8 / max(1, len(peers))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(groups) + 2), 4.5))
     for n, peer in enumerate(peers):

@@ -109,7 +109,7 @@ def test_reports_leave_unverified_runs_out_of_the_figures() -> None:
     engine = next(s for s in summaries if s.group.peer == "engine")
     assert engine.median["instances_per_s"] == 100.0
     assert engine.failed == 1
-    assert report.ratios(summaries) == {("burst", 1, "explicit"): {"orthanc": 2.0}}
+    assert report.ratios(summaries) == {("burst", 1, "explicit", "engine"): {"orthanc": 2.0}}
     meta = {
         "command": "x",
         "instances": 1,
