@@ -187,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--concurrency", default="1,4")
     pr.add_argument("--rate", type=int, default=250, help="samples per second")
     pr.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    pr.add_argument("--transport", choices=("pynetdicom", "native"), default="pynetdicom")
     args = parser.parse_args(argv)
     if args.command == "setup":
         return setup()
     if args.command == "profile":
         spec = generate.StudySpec(studies=args.studies)
         concurrencies = [int(c) for c in _csv(args.concurrency)]
-        return profile.main(args.out, concurrencies, spec, args.cache, args.rate)
+        return profile.main(args.out, concurrencies, spec, args.cache, args.rate, args.transport)
     return run(args)

@@ -71,8 +71,10 @@ def py_spy() -> str:
     return str(beside) if beside.exists() else "py-spy"
 
 
-def profile(concurrency: int, files: list[Path], out: Path, work: Path, rate: int) -> Path:
-    peer = EnginePeer(work / f"engine-C{concurrency}")
+def profile(
+    concurrency: int, files: list[Path], out: Path, work: Path, rate: int, transport: str
+) -> Path:
+    peer = EnginePeer(work / f"engine-C{concurrency}", transport=transport)
     peer.start()
     raw = out / f"profile-C{concurrency}.txt"
     spy = subprocess.Popen(
@@ -109,7 +111,12 @@ def profile(concurrency: int, files: list[Path], out: Path, work: Path, rate: in
 
 
 def main(
-    out: Path, concurrencies: list[int], spec: generate.StudySpec, cache: Path, rate: int
+    out: Path,
+    concurrencies: list[int],
+    spec: generate.StudySpec,
+    cache: Path,
+    rate: int,
+    transport: str = "pynetdicom",
 ) -> int:
     if shutil.which(py_spy()) is None:
         print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
@@ -119,7 +126,7 @@ def main(
     work = out / "work"
     for concurrency in concurrencies:
         print(f"profiling C={concurrency} with {len(files)} instances ...", file=sys.stderr)
-        profile(concurrency, files, out, work, rate)
+        profile(concurrency, files, out, work, rate, transport)
         print((out / f"profile-C{concurrency}.md").read_text(), file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return 0
