@@ -54,6 +54,8 @@ class DicomConfig:
     transport: TransportKind = TransportKind.PYNETDICOM
     host: str = "0.0.0.0"
     port: int = 11112
+    # Refuse associations whose called AE title is not ours (native transport).
+    require_called_ae_title: bool = False
     maximum_associations: int = 64
     maximum_pdu_size: int = 262144
     # Seconds a peer may stay silent on an open association before it is aborted.

@@ -82,6 +82,15 @@ class NativeServer:
                 ),
                 f"more than {self.config.maximum_associations} associations",
             )
+        if self.config.require_called_ae_title and request.called_ae != self.config.ae_title:
+            return (
+                acse.encode_associate_rj(
+                    acse.RejectResult.PERMANENT,
+                    acse.RejectSource.SERVICE_USER,
+                    acse.USER_CALLED_AE_NOT_RECOGNIZED,
+                ),
+                f"called AE title {request.called_ae!r} is not {self.config.ae_title!r}",
+            )
         if request.application_context != acse.DICOM_APPLICATION_CONTEXT:
             return (
                 acse.encode_associate_rj(
