@@ -11,11 +11,14 @@ processes such as ``engine stats``, read while a batch commits.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import sqlite3
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -25,6 +28,7 @@ from engine.errors import IndexDatabaseError
 from engine.index.base import CommitReport, Decide, InstanceRow, QuarantineRow
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # SQLite's default limit on host parameters is 32766 (since 3.32); stay far below.
 CHUNK = 500
@@ -112,37 +116,76 @@ def schema_scripts() -> list[tuple[int, str]]:
 SCHEMA_VERSION = schema_scripts()[-1][0]
 
 
+def _select_sql(count: int) -> str:
+    marks = ", ".join("?" for _ in range(count))
+    return (
+        "SELECT sop_instance_uid, digest, path, series_uid, study_uid FROM instances "
+        f"WHERE sop_instance_uid IN ({marks})"
+    )
+
+
+def _chunks(uids: list[str]) -> list[list[str]]:
+    unique = list(dict.fromkeys(uids))
+    return [unique[start : start + CHUNK] for start in range(0, len(unique), CHUNK)]
+
+
+Found = dict[str, tuple[str, str, str, str]]  # uid -> (digest, path, series_uid, study_uid)
+
+
 class SQLiteIndex:
+    """The index: one writer thread, one reader connection.
+
+    The writer is a plain ``sqlite3`` connection owned by one thread, and a batch's
+    whole transaction (look-ups, inserts, recounts, commit) runs there in a single
+    hand-off from the loop: at one image per batch, a dozen separate round trips to
+    a connection thread cost more than the SQL itself. Reads (duplicate look-ups,
+    stats) go through aiosqlite, one round trip each.
+    """
+
     def __init__(self, path: Path, durable: bool) -> None:
         self.path = path
         self.durable = durable
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._write_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
 
     # -- lifecycle ----------------------------------------------------------------
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_thread = concurrent.futures.ThreadPoolExecutor(1, "index-writer")
         try:
-            self._writer = await self._connect()
-            await self._migrate(self._writer)
-            self._reader = await self._connect()
+            self._writer = await self._on_writer(self._connect_writer)
+            await self._on_writer(self._migrate)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in self._pragmas():
+                await self._reader.execute(pragma)
         except sqlite3.Error as exc:
             await self.close()
             raise IndexDatabaseError(f"cannot open the index {self.path}: {exc}") from exc
 
-    async def _connect(self) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self.path, isolation_level=None)
-        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
-        await db.execute("PRAGMA foreign_keys = OFF")  # batches insert parents first; no cost
+    def _pragmas(self) -> list[str]:
+        return [
+            f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+            "PRAGMA journal_mode = WAL",
+            f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}",
+            "PRAGMA foreign_keys = OFF",  # batches insert parents first; no cost
+        ]
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in self._pragmas():
+            db.execute(pragma)
         return db
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        async with db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        version = int(row[0]) if row else 0
+    async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._write_thread is None:
+            raise IndexDatabaseError("the index is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, fn, *args)
+
+    def _migrate(self) -> None:
+        db = self.writer
+        (version,) = db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise IndexDatabaseError(
                 f"the index {self.path} has schema version {version}; "
@@ -151,18 +194,23 @@ class SQLiteIndex:
         for number, script in schema_scripts():
             if number > version:
                 log.info("applying index schema version %d", number)
-                await db.executescript(
+                db.executescript(
                     f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
                 )
 
     async def close(self) -> None:
-        for db in (self._reader, self._writer):
-            if db is not None:
-                await db.close()
-        self._reader = self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await self._on_writer(writer.close)
+        if self._write_thread is not None:
+            self._write_thread.shutdown(wait=True)
+            self._write_thread = None
 
     @property
-    def writer(self) -> aiosqlite.Connection:
+    def writer(self) -> sqlite3.Connection:
         if self._writer is None:
             raise IndexDatabaseError("the index is not open")
         return self._writer
@@ -176,42 +224,36 @@ class SQLiteIndex:
     # -- reads --------------------------------------------------------------------
 
     async def lookup(self, sop_instance_uids: list[str]) -> dict[str, Existing]:
-        found = await self._select_existing(self.reader, sop_instance_uids)
-        return {uid: Existing(digest, path) for uid, (digest, path, _, _) in found.items()}
+        found: dict[str, Existing] = {}
+        for chunk in _chunks(sop_instance_uids):
+            rows = await self.reader.execute_fetchall(_select_sql(len(chunk)), chunk)
+            for uid, digest, path, _, _ in rows:
+                found[uid] = Existing(digest, path)
+        return found
 
-    @staticmethod
-    async def _select_existing(
-        db: aiosqlite.Connection, uids: list[str]
-    ) -> dict[str, tuple[str, str, str, str]]:
-        """uid -> (digest, path, series_uid, study_uid) for the stored ones."""
-        found: dict[str, tuple[str, str, str, str]] = {}
-        unique = list(dict.fromkeys(uids))
-        for start in range(0, len(unique), CHUNK):
-            chunk = unique[start : start + CHUNK]
-            marks = ", ".join("?" for _ in chunk)
-            sql = (
-                "SELECT sop_instance_uid, digest, path, series_uid, study_uid FROM instances "
-                f"WHERE sop_instance_uid IN ({marks})"
-            )
-            async with db.execute(sql, chunk) as cursor:
-                async for uid, digest, path, series_uid, study_uid in cursor:
-                    found[uid] = (digest, path, series_uid, study_uid)
+    def _select_existing(self, uids: list[str]) -> Found:
+        """On the writer's thread, inside its transaction."""
+        found: Found = {}
+        for chunk in _chunks(uids):
+            for uid, digest, path, series_uid, study_uid in self.writer.execute(
+                _select_sql(len(chunk)), chunk
+            ):
+                found[uid] = (digest, path, series_uid, study_uid)
         return found
 
     async def has_instances(self) -> bool:
-        async with self.reader.execute("SELECT EXISTS (SELECT 1 FROM instances)") as cursor:
-            row = await cursor.fetchone()
-        return bool(row and row[0])
+        rows = await self.reader.execute_fetchall("SELECT EXISTS (SELECT 1 FROM instances)")
+        return bool(next(iter(rows))[0])
 
     async def stats(self) -> dict[str, int]:
         return await read_stats(self.reader)
 
     async def paths(self) -> list[tuple[str, str]]:
         """(SOP Instance UID, path) of every instance; for the start-up consistency check."""
-        async with self.reader.execute("SELECT sop_instance_uid, path FROM instances") as cursor:
-            return [(uid, path) async for uid, path in cursor]
+        rows = await self.reader.execute_fetchall("SELECT sop_instance_uid, path FROM instances")
+        return [(uid, path) for uid, path in rows]
 
-    # -- the batch commit ----------------------------------------------------------
+    # -- writes (each one transaction on the writer's thread) ----------------------
 
     async def commit_batch(
         self, rows: list[InstanceRow], quarantined: list[QuarantineRow], decide: Decide
@@ -221,110 +263,110 @@ class SQLiteIndex:
         Rows are judged in order, each against the index as this transaction has
         left it, so two copies of one UID in the same batch are settled too.
         """
-        db = self.writer
-        report = CommitReport()
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            found = await self._select_existing(db, [r.sop_instance_uid for r in rows])
-            inserts: list[InstanceRow] = []
-            replaces: list[InstanceRow] = []
-            touched_series: dict[str, float] = {}
-            touched_studies: dict[str, float] = {}
-            for row in rows:
-                uid = row.sop_instance_uid
-                before = found.get(uid)
-                existing = Existing(before[0], before[1]) if before else None
-                decision = decide(existing, row.digest)
-                report.decisions.append(decision)
-                report.existing.append(existing)
-                if decision is Decision.NEW:
-                    inserts.append(row)
-                elif decision is Decision.OVERWRITE:
-                    assert before is not None
-                    replaces.append(row)
-                    touched_series[before[2]] = row.received_at
-                    touched_studies[before[3]] = row.received_at
-                    if before[1] != row.path:
-                        report.unreferenced.append(before[1])
-                elif existing is not None and existing.path != row.path:
-                    report.unreferenced.append(row.path)  # SAME, KEEP, REJECT: new file unused
-                if decision in (Decision.NEW, Decision.OVERWRITE):
-                    a = row.attributes
-                    found[uid] = (row.digest, row.path, a["series_uid"], a["study_uid"])
-                    touched_series[a["series_uid"]] = row.received_at
-                    touched_studies[a["study_uid"]] = row.received_at
-            # A candidate path may have become the kept one again later in the batch.
-            kept = {entry[1] for entry in found.values()}
-            report.unreferenced = [p for p in dict.fromkeys(report.unreferenced) if p not in kept]
-            written = inserts + replaces
-            if written:
-                await db.executemany(
-                    _INSERT_PATIENT, [[r.attributes[c] for c in _PATIENT_COLS] for r in written]
-                )
-                await db.executemany(
-                    _INSERT_STUDY,
-                    [
-                        [*(r.attributes[c] for c in _STUDY_COLS), r.received_at, r.received_at]
-                        for r in written
-                    ],
-                )
-                await db.executemany(
-                    _INSERT_SERIES,
-                    [[*(r.attributes[c] for c in _SERIES_COLS), r.received_at] for r in written],
-                )
-            if inserts:
-                await db.executemany(_INSERT_INSTANCE, [_instance_values(r) for r in inserts])
-            if replaces:
-                await db.executemany(
-                    _REPLACE_INSTANCE,
-                    [[*_instance_values(r), r.sop_instance_uid] for r in replaces],
-                )
-            if touched_series:
-                await db.executemany(_RECOUNT_SERIES, list(touched_series.items()))
-                await db.executemany(_RECOUNT_STUDY, list(touched_studies.items()))
-            if quarantined:
-                await db.executemany(
-                    _INSERT_QUARANTINE, [_quarantine_values(q) for q in quarantined]
-                )
-            await db.execute("COMMIT")
-        except BaseException:
-            try:
-                await db.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.exception("rollback failed")
-            raise
-        return report
+        return await self._on_writer(self._transaction, self._commit, rows, quarantined, decide)
 
     async def forget(self, sop_instance_uids: list[str]) -> None:
         """Remove rows (whose files are gone) and recount their series and studies."""
+        await self._on_writer(self._transaction, self._forget, sop_instance_uids)
+
+    def _transaction(self, body: Callable[..., T], *args: Any) -> T:
         db = self.writer
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
-            found = await self._select_existing(db, sop_instance_uids)
-            await db.executemany(
-                "DELETE FROM instances WHERE sop_instance_uid = ?", [[u] for u in found]
-            )
-            series = {v[2] for v in found.values()}
-            studies = {v[3] for v in found.values()}
-            await db.executemany(_RECOUNT_SERIES, [(s, 0.0) for s in series])
-            await db.executemany(
-                "DELETE FROM series WHERE series_uid = ? AND num_instances = 0",
-                [[s] for s in series],
-            )
-            await db.executemany(_RECOUNT_STUDY, [(s, 0.0) for s in studies])
-            await db.executemany(
-                "DELETE FROM studies WHERE study_uid = ? AND num_instances = 0",
-                [[s] for s in studies],
-            )
-            await db.execute(
-                "DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM studies WHERE "
-                "studies.patient_id = patients.patient_id AND "
-                "studies.issuer_of_patient_id = patients.issuer_of_patient_id)"
-            )
-            await db.execute("COMMIT")
+            result = body(*args)
+            db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed")
             raise
+        return result
+
+    def _commit(
+        self, rows: list[InstanceRow], quarantined: list[QuarantineRow], decide: Decide
+    ) -> CommitReport:
+        db = self.writer
+        report = CommitReport()
+        found = self._select_existing([r.sop_instance_uid for r in rows])
+        inserts: list[InstanceRow] = []
+        replaces: list[InstanceRow] = []
+        touched_series: dict[str, float] = {}
+        touched_studies: dict[str, float] = {}
+        for row in rows:
+            uid = row.sop_instance_uid
+            before = found.get(uid)
+            existing = Existing(before[0], before[1]) if before else None
+            decision = decide(existing, row.digest)
+            report.decisions.append(decision)
+            report.existing.append(existing)
+            if decision is Decision.NEW:
+                inserts.append(row)
+            elif decision is Decision.OVERWRITE:
+                assert before is not None
+                replaces.append(row)
+                touched_series[before[2]] = row.received_at
+                touched_studies[before[3]] = row.received_at
+                if before[1] != row.path:
+                    report.unreferenced.append(before[1])
+            elif existing is not None and existing.path != row.path:
+                report.unreferenced.append(row.path)  # SAME, KEEP, REJECT: new file unused
+            if decision in (Decision.NEW, Decision.OVERWRITE):
+                a = row.attributes
+                found[uid] = (row.digest, row.path, a["series_uid"], a["study_uid"])
+                touched_series[a["series_uid"]] = row.received_at
+                touched_studies[a["study_uid"]] = row.received_at
+        # A candidate path may have become the kept one again later in the batch.
+        kept = {entry[1] for entry in found.values()}
+        report.unreferenced = [p for p in dict.fromkeys(report.unreferenced) if p not in kept]
+        written = inserts + replaces
+        if written:
+            db.executemany(
+                _INSERT_PATIENT, [[r.attributes[c] for c in _PATIENT_COLS] for r in written]
+            )
+            db.executemany(
+                _INSERT_STUDY,
+                [
+                    [*(r.attributes[c] for c in _STUDY_COLS), r.received_at, r.received_at]
+                    for r in written
+                ],
+            )
+            db.executemany(
+                _INSERT_SERIES,
+                [[*(r.attributes[c] for c in _SERIES_COLS), r.received_at] for r in written],
+            )
+        if inserts:
+            db.executemany(_INSERT_INSTANCE, [_instance_values(r) for r in inserts])
+        if replaces:
+            db.executemany(
+                _REPLACE_INSTANCE, [[*_instance_values(r), r.sop_instance_uid] for r in replaces]
+            )
+        if touched_series:
+            db.executemany(_RECOUNT_SERIES, list(touched_series.items()))
+            db.executemany(_RECOUNT_STUDY, list(touched_studies.items()))
+        if quarantined:
+            db.executemany(_INSERT_QUARANTINE, [_quarantine_values(q) for q in quarantined])
+        return report
+
+    def _forget(self, sop_instance_uids: list[str]) -> None:
+        db = self.writer
+        found = self._select_existing(sop_instance_uids)
+        db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", [[u] for u in found])
+        series = {v[2] for v in found.values()}
+        studies = {v[3] for v in found.values()}
+        db.executemany(_RECOUNT_SERIES, [(s, 0.0) for s in series])
+        db.executemany(
+            "DELETE FROM series WHERE series_uid = ? AND num_instances = 0", [[s] for s in series]
+        )
+        db.executemany(_RECOUNT_STUDY, [(s, 0.0) for s in studies])
+        db.executemany(
+            "DELETE FROM studies WHERE study_uid = ? AND num_instances = 0", [[s] for s in studies]
+        )
+        db.execute(
+            "DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM studies WHERE "
+            "studies.patient_id = patients.patient_id AND "
+            "studies.issuer_of_patient_id = patients.issuer_of_patient_id)"
+        )
 
 
 def _instance_values(row: InstanceRow) -> list[Any]:
