@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from engine.dicom import acse, dimse, pdu
-from engine.dicom.fsm import Action, Event, State, transition
+from engine.dicom.fsm import TABLE, Action, Event, State, transition
 from engine.dicom.services import Request
 from engine.errors import ProtocolError
 from engine.model import Origin
@@ -68,6 +68,7 @@ class Association(asyncio.Protocol):
         self.outstanding = 0
         self._release_pending = False
         self._abort_reason = pdu.AbortReason.NOT_SPECIFIED
+        self._framing_lost = False
         self._actions: dict[Action, Callable[[Any], None]] = {
             Action.AE5: self._ae5,
             Action.AE6: self._ae6,
@@ -102,15 +103,21 @@ class Association(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_activity = time.monotonic()
+        if self._framing_lost:
+            return  # no PDU boundaries any more: one A-ABORT was enough; ARTIM ends it
         try:
             pdus = self.framer.feed(data)
         except ProtocolError as exc:
+            self._framing_lost = True
             self._protocol_error(str(exc), pdu.AbortReason.INVALID_PDU_PARAMETER)
             return
         for pdu_type, body in pdus:
             if self.state is State.STA1:
                 return
-            self._event(_PDU_EVENTS[pdu.PDUType(pdu_type)], body)
+            event = _PDU_EVENTS[pdu.PDUType(pdu_type)]
+            if event is not Event.EVT10 or self.state is not State.STA6:  # not the hot path
+                self._note_unexpected(pdu_type, event)
+            self._event(event, body)
 
     def eof_received(self) -> bool:
         if self.framer.pending:
@@ -135,6 +142,14 @@ class Association(asyncio.Protocol):
     def abort(self) -> None:
         """A local A-ABORT (shutdown, idle timeout)."""
         self._event(Event.EVT15)
+
+    def _note_unexpected(self, pdu_type: int, event: Event) -> None:
+        """Log a PDU the state does not expect (the table aborts it) and name the reason."""
+        if (self.state, event) in TABLE or self.state is State.STA13:
+            return
+        name = pdu.PDUType(pdu_type).name
+        log.warning("unexpected %s PDU from %s (%s); aborting", name, self._who(), self.state.value)
+        self._abort_reason = pdu.AbortReason.UNEXPECTED_PDU
 
     def _protocol_error(self, message: str, reason: pdu.AbortReason) -> None:
         log.warning("protocol error from %s: %s; aborting", self._who(), message)
