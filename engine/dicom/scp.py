@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from engine import status
 from engine.config import DicomConfig
+from engine.dicom import dimse
 from engine.model import Origin, Outcome, Received, Result
 from engine.stages.receive import Receiver
 
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 # negotiation; the engine sets it once, here, and never changes it back.
 _config.UNRESTRICTED_STORAGE_SERVICE = True
 
-# LO, PS3.5: the Error Comment in a response is at most 64 characters.
-ERROR_COMMENT_MAX = 64
 SHUTDOWN_POLL = 0.05
 
 
@@ -47,7 +46,7 @@ def response(result: Result) -> int | Dataset:
     rsp = Dataset()
     rsp.Status = code
     if result.message:
-        rsp.ErrorComment = result.message[:ERROR_COMMENT_MAX]
+        rsp.ErrorComment = result.message[:dimse.ERROR_COMMENT_MAX]
     return rsp
 
 
