@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import multiprocessing
+import queue
 import socket
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -64,7 +68,7 @@ class Burst:
     refused: int = 0
     connected: int = 0
     errors: list[BaseException] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
+    threads: list[Any] = field(default_factory=list)  # the sender processes
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -81,48 +85,56 @@ class Burst:
         return {str(ds.SOPInstanceUID): ds for batch in self.batches for ds in batch}
 
     def start(self) -> Burst:
+        """One process per sender, as separate scanners are: pynetdicom's client is not
+        reliable with several associations in threads of one process (a response that
+        did arrive is now and then never delivered; pynetdicom issues 842 and 850)."""
+        context = multiprocessing.get_context("spawn")
+        self._events = context.Queue()
         for n, batch in enumerate(self.batches):
-            thread = threading.Thread(target=self._send, args=(f"SCU{n}", batch), daemon=True)
-            self.threads.append(thread)
-            thread.start()
+            # Encoded here, read back there without touching values: the bytes on the
+            # wire are exactly what the parent's datasets encode to (a pickled Dataset
+            # may come back with values that encode differently).
+            files = [_part10(ds) for ds in batch]
+            process = context.Process(
+                target=_sender,
+                args=(self.engine.port, self.engine.ae_title, f"SCU{n}", files, self._events),
+                name=f"SCU{n}",
+                daemon=True,
+            )
+            self.threads.append(process)
+            process.start()
+        self._collector = threading.Thread(target=self._collect, daemon=True)
+        self._collector.start()
         return self
 
-    def _send(self, calling_ae: str, datasets: list[Dataset]) -> None:
-        ae = AE(ae_title=calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = SCU_TIMEOUT
-        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-        assoc = None
-        raw = None
-        try:
-            assoc = ae.associate("127.0.0.1", self.engine.port, ae_title=self.engine.ae_title)
-            raw = raw_socket(assoc)
-            if not assoc.is_established:
-                with self.lock:
-                    self.refused += 1
-                return
-            with self.lock:
+    def _collect(self) -> None:
+        """Record what the sender processes report, until they are all gone."""
+        while True:
+            try:
+                event = self._events.get(timeout=POLL * 20)
+            except queue.Empty:
+                if not any(p.is_alive() for p in self.threads):
+                    # Whatever a process put before it ended is readable now.
+                    with contextlib.suppress(queue.Empty):
+                        while True:
+                            self._record(self._events.get(timeout=POLL * 20))
+                    return
+                continue
+            self._record(event)
+
+    def _record(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        with self.lock:
+            if kind == "connected":
                 self.connected += 1
-            for ds in datasets:
-                if not assoc.is_established:
-                    break
-                rsp = assoc.send_c_store(ds)
-                if "Status" not in rsp:
-                    # Aborted or timed out: the association is over, even when pynetdicom
-                    # has not flagged it yet (another send would wait the whole timeout).
-                    with self.lock:
-                        self.unanswered += 1
-                    break
-                with self.lock:
-                    self.answers[str(ds.SOPInstanceUID)] = int(rsp.Status)
-            if assoc.is_established:
-                assoc.release()
-        except Exception as exc:  # recorded; the test decides what is acceptable
-            with self.lock:
-                self.errors.append(exc)
-        finally:
-            ae.shutdown()
-            if assoc is not None:
-                close_socket(assoc, raw)
+            elif kind == "refused":
+                self.refused += 1
+            elif kind == "answer":
+                self.answers[event[1]] = event[2]
+            elif kind == "unanswered":
+                self.unanswered += 1
+            elif kind == "error":
+                self.errors.append(event[1])
 
     def wait_for_answers(self, count: int, timeout: float) -> int:
         """Wait (bounded) until every sender is connected and ``count`` requests were
@@ -145,6 +157,49 @@ class Burst:
             thread.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in self.threads if t.is_alive()]
         assert not stuck, f"senders still waiting after {timeout}s: {stuck}"
+        self._collector.join(max(1.0, deadline - time.monotonic()))
+        assert not self._collector.is_alive(), "sender reports still being read"
+
+
+def _part10(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _sender(port: int, called_ae: str, calling_ae: str, files: list[bytes], events: Any) -> None:
+    """One scanner, in its own process: store ``files``, report every answer."""
+    datasets = [dcmread(io.BytesIO(data)) for data in files]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = SCU_TIMEOUT
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = None
+    raw = None
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+        raw = raw_socket(assoc)
+        if not assoc.is_established:
+            events.put(("refused",))
+            return
+        events.put(("connected",))
+        for ds in datasets:
+            if not assoc.is_established:
+                break
+            rsp = assoc.send_c_store(ds)
+            if "Status" not in rsp:
+                # Aborted or timed out: the association is over, even when pynetdicom
+                # has not flagged it yet (another send would wait the whole timeout).
+                events.put(("unanswered",))
+                break
+            events.put(("answer", str(ds.SOPInstanceUID), int(rsp.Status)))
+        if assoc.is_established:
+            assoc.release()
+    except Exception as exc:  # reported; the test decides what is acceptable
+        events.put(("error", exc))
+    finally:
+        ae.shutdown()
+        if assoc is not None:
+            close_socket(assoc, raw)
 
 
 def raw_socket(assoc: Association) -> socket.socket | None:
