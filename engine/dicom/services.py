@@ -79,6 +79,9 @@ class Services:
     async def store(self, request: Request) -> Result:
         command = request.command
         if request.dataset is None or not command.affected_sop_instance_uid:
+            log.warning(
+                "C-STORE without a dataset or SOP Instance UID from %s", request.origin.calling_ae
+            )
             return Result(Outcome.CANNOT_UNDERSTAND, "C-STORE without a dataset or instance UID")
         received = Received(
             origin=request.origin,
