@@ -85,9 +85,9 @@ class Burst:
         return {str(ds.SOPInstanceUID): ds for batch in self.batches for ds in batch}
 
     def start(self) -> Burst:
-        """One process per sender, as separate scanners are: pynetdicom's client is not
-        reliable with several associations in threads of one process (a response that
-        did arrive is now and then never delivered; pynetdicom issues 842 and 850)."""
+        """One process per sender, as separate scanners are (pynetdicom's client is
+        least reliable with several associations in threads of one process; compare
+        pynetdicom issues 842 and 850)."""
         context = multiprocessing.get_context("spawn")
         self._events = context.Queue()
         for n, batch in enumerate(self.batches):
