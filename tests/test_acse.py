@@ -515,28 +515,36 @@ def test_accept_without_options_has_no_optional_replies() -> None:
 @pytest.mark.parametrize(
     ("result", "source", "reason"),
     [
-        (RejectResult.PERMANENT, RejectSource.SERVICE_USER, acse.USER_CALLED_AE_NOT_RECOGNIZED),
         (
             RejectResult.PERMANENT,
             RejectSource.SERVICE_USER,
-            acse.USER_APPLICATION_CONTEXT_NOT_SUPPORTED,
+            acse.RejectReason.CALLED_AE_NOT_RECOGNIZED,
         ),
-        (RejectResult.PERMANENT, RejectSource.SERVICE_USER, acse.USER_CALLING_AE_NOT_RECOGNIZED),
-        (RejectResult.PERMANENT, RejectSource.SERVICE_USER, acse.USER_NO_REASON),
+        (
+            RejectResult.PERMANENT,
+            RejectSource.SERVICE_USER,
+            acse.RejectReason.APPLICATION_CONTEXT_NOT_SUPPORTED,
+        ),
+        (
+            RejectResult.PERMANENT,
+            RejectSource.SERVICE_USER,
+            acse.RejectReason.CALLING_AE_NOT_RECOGNIZED,
+        ),
+        (RejectResult.PERMANENT, RejectSource.SERVICE_USER, acse.RejectReason.NO_REASON),
         (
             RejectResult.PERMANENT,
             RejectSource.SERVICE_PROVIDER_ACSE,
-            acse.ACSE_PROTOCOL_VERSION_NOT_SUPPORTED,
+            acse.AcseRejectReason.PROTOCOL_VERSION_NOT_SUPPORTED,
         ),
         (
             RejectResult.TRANSIENT,
             RejectSource.SERVICE_PROVIDER_PRESENTATION,
-            acse.PRESENTATION_LOCAL_LIMIT_EXCEEDED,
+            acse.PresentationRejectReason.LOCAL_LIMIT_EXCEEDED,
         ),
         (
             RejectResult.TRANSIENT,
             RejectSource.SERVICE_PROVIDER_PRESENTATION,
-            acse.PRESENTATION_TEMPORARY_CONGESTION,
+            acse.PresentationRejectReason.TEMPORARY_CONGESTION,
         ),
     ],
 )

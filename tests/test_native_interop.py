@@ -639,7 +639,7 @@ def test_associations_beyond_the_maximum_are_refused_as_transient(
         (rejection,) = answers
         assert rejection.result == acse.RejectResult.TRANSIENT
         assert rejection.result_source == acse.RejectSource.SERVICE_PROVIDER_PRESENTATION
-        assert rejection.diagnostic == acse.PRESENTATION_LOCAL_LIMIT_EXCEEDED
+        assert rejection.diagnostic == acse.PresentationRejectReason.LOCAL_LIMIT_EXCEEDED
         # The two admitted ones work while the third was turned away.
         study = generate_uid()
         for n, assoc in enumerate(first, start=1):

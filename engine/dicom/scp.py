@@ -46,7 +46,7 @@ def response(result: Result) -> int | Dataset:
     rsp = Dataset()
     rsp.Status = code
     if result.message:
-        rsp.ErrorComment = result.message[:dimse.ERROR_COMMENT_MAX]
+        rsp.ErrorComment = result.message[: dimse.ERROR_COMMENT_MAX]
     return rsp
 
 

@@ -78,7 +78,7 @@ class NativeServer:
                 acse.encode_associate_rj(
                     acse.RejectResult.TRANSIENT,
                     acse.RejectSource.SERVICE_PROVIDER_PRESENTATION,
-                    acse.PRESENTATION_LOCAL_LIMIT_EXCEEDED,
+                    acse.PresentationRejectReason.LOCAL_LIMIT_EXCEEDED,
                 ),
                 f"more than {self.config.maximum_associations} associations",
             )
@@ -87,7 +87,7 @@ class NativeServer:
                 acse.encode_associate_rj(
                     acse.RejectResult.PERMANENT,
                     acse.RejectSource.SERVICE_USER,
-                    acse.USER_CALLED_AE_NOT_RECOGNIZED,
+                    acse.RejectReason.CALLED_AE_NOT_RECOGNIZED,
                 ),
                 f"called AE title {request.called_ae!r} is not {self.config.ae_title!r}",
             )
@@ -96,7 +96,7 @@ class NativeServer:
                 acse.encode_associate_rj(
                     acse.RejectResult.PERMANENT,
                     acse.RejectSource.SERVICE_USER,
-                    acse.USER_APPLICATION_CONTEXT_NOT_SUPPORTED,
+                    acse.RejectReason.APPLICATION_CONTEXT_NOT_SUPPORTED,
                 ),
                 f"application context {request.application_context}",
             )
