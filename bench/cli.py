@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         for n, (repeat, syntax, scenario, concurrency, name) in enumerate(plan, 1):
             folder = work / f"{n:03d}-{name}"
             peer = PEERS[name](folder)
-            if isinstance(peer, EnginePeer):
+            if isinstance(peer, EnginePeer) and peer.fsync_from_args:
                 peer.fsync = args.fsync == "true"
             files = files_by_syntax[syntax]
             label = f"[{n}/{len(plan)}] {name} {scenario.value} C={concurrency} {syntax} r{repeat}"
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--concurrency", default="1,4")
     pr.add_argument("--rate", type=int, default=250, help="samples per second")
     pr.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    pr.add_argument("--transport", choices=("pynetdicom", "native"), default="pynetdicom")
+    pr.add_argument("--transport", choices=("pynetdicom", "native"), default="native")
     args = parser.parse_args(argv)
     if args.command == "setup":
         return setup()

@@ -29,7 +29,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -136,10 +136,14 @@ class _suppress_missing:
 
 @dataclass
 class EnginePeer(Peer):
+    """The engine as configured by default: native transport, fsync on (``--fsync``)."""
+
     name: str = "engine"
     ae_title: str = "ENGINE"
     fsync: bool = True
-    transport: str = "pynetdicom"
+    transport: str = "native"
+    # Whether ``bench run --fsync`` sets ``fsync`` (not for the variants that fix it).
+    fsync_from_args: ClassVar[bool] = True
 
     def start(self) -> None:
         config = self.folder / "config.toml"
@@ -239,16 +243,26 @@ class StorescpPeer(Peer):
 
 
 @dataclass
-class NativeEnginePeer(EnginePeer):
-    """The engine on its asyncio-native DICOM transport."""
+class NoSyncEnginePeer(EnginePeer):
+    """The engine with ``[storage] fsync = false``: dcmtk storescp's durability."""
 
-    name: str = "engine-native"
-    transport: str = "native"
+    name: str = "engine-nosync"
+    fsync: bool = False
+    fsync_from_args: ClassVar[bool] = False
+
+
+@dataclass
+class PynetdicomEnginePeer(EnginePeer):
+    """The engine on pynetdicom's threaded DICOM server (``transport = "pynetdicom"``)."""
+
+    name: str = "engine-pynetdicom"
+    transport: str = "pynetdicom"
 
 
 PEERS: dict[str, type[Peer]] = {
     "engine": EnginePeer,
-    "engine-native": NativeEnginePeer,
+    "engine-nosync": NoSyncEnginePeer,
+    "engine-pynetdicom": PynetdicomEnginePeer,
     "orthanc": OrthancPeer,
     "storescp": StorescpPeer,
 }

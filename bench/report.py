@@ -58,13 +58,12 @@ def summarise(runs: Iterable[dict[str, Any]]) -> list[Summary]:
         summaries.append(
             Summary(group, len(members), len(members) - len(good), median, low, high, extra)
         )
-    order = {"engine": 0, "engine-native": 1, "orthanc": 2, "storescp": 3}
     summaries.sort(
         key=lambda s: (
             s.group.syntax,
             s.group.scenario,
             s.group.concurrency,
-            order.get(s.group.peer, 9),
+            _peer_order(s.group.peer),
         )
     )
     return summaries
@@ -79,7 +78,13 @@ def _fmt(summary: Summary, figure: str) -> str:
     return f"{m:g} ({lo:g}-{hi:g})"
 
 
-PEER_ORDER = {"engine": 0, "engine-native": 1, "orthanc": 2, "storescp": 3}
+PEER_ORDER = {
+    "engine": 0,
+    "engine-nosync": 1,
+    "engine-pynetdicom": 2,
+    "orthanc": 3,
+    "storescp": 4,
+}
 
 
 def _peer_order(peer: str) -> int:

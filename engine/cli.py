@@ -39,15 +39,26 @@ async def serve(
 
     ``on_ready`` is called once the server listens (tests use it to watch the pipeline).
     """
-    storage = StorageArea(config.storage.path, config.storage.quarantine, config.storage.fsync)
-    index = SQLiteIndex(config.index.path, durable=config.storage.fsync)
+    storage = StorageArea(
+        config.storage.path,
+        config.storage.quarantine,
+        config.storage.fsync,
+        config.storage.sync_method,
+    )
+    index = SQLiteIndex(
+        config.index.path,
+        durable=config.storage.fsync,
+        flush=storage.flusher(config.index.path),
+    )
     await index.open()
     try:
         was_clean = await asyncio.to_thread(storage.prepare, await index.has_instances())
         await recover(storage, index, was_clean)
         pipeline = Pipeline(config, index, storage)
         async with pipeline.running():
-            listener = make_listener(config.dicom, config.ingest, pipeline.receiver)
+            listener = make_listener(
+                config.dicom, config.ingest, pipeline.receiver, pipeline.spooler
+            )
             await listener.start()
             try:
                 log.info("engine ready: storage %s, index %s", storage.root, index.path)

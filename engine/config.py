@@ -41,6 +41,13 @@ class DuplicatePolicy(StrEnum):
     REJECT = "reject"  # answer "Duplicate SOP Instance" (0x0111), keep the first copy
 
 
+class SyncMethod(StrEnum):
+    """How ``[storage] fsync`` makes a batch durable."""
+
+    SYNCFS = "syncfs"  # one syncfs(2) of the storage filesystem per batch (Linux)
+    FSYNC = "fsync"  # fsync of every file, the journal and each changed directory
+
+
 class Transcode(StrEnum):
     """What the write stage stores for compressed (JPEG-family, RLE) images."""
 
@@ -51,7 +58,7 @@ class Transcode(StrEnum):
 @dataclass(frozen=True, slots=True)
 class DicomConfig:
     ae_title: str = "ENGINE"
-    transport: TransportKind = TransportKind.PYNETDICOM
+    transport: TransportKind = TransportKind.NATIVE
     host: str = "0.0.0.0"
     port: int = 11112
     # Refuse associations whose called AE title is not ours (native transport).
@@ -64,6 +71,10 @@ class DicomConfig:
     dimse_timeout: float = 60.0
     # Seconds granted to open associations at shutdown before they are aborted.
     shutdown_grace: float = 5.0
+    # Bytes of one association's incoming dataset held in memory while the disk catches
+    # up (native transport, which writes datasets to disk as they arrive); past this,
+    # the engine stops reading from that peer until the writes are done.
+    receive_buffer: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +83,9 @@ class StorageConfig:
     # Where rejected input goes, with a JSON note each; default <path>/.quarantine.
     quarantine_path: Path | None = None
     fsync: bool = True
+    sync_method: SyncMethod = SyncMethod.SYNCFS
+    # Threads writing incoming datasets to temp files as they arrive (native transport).
+    write_threads: int = 2
 
     @property
     def quarantine(self) -> Path:
@@ -216,6 +230,8 @@ def _check(config: Config) -> None:
         "ingest.decode_timeout": config.ingest.decode_timeout,
         "pipeline.queue_size": config.pipeline.queue_size,
         "pipeline.batch_max": config.pipeline.batch_max,
+        "dicom.receive_buffer": config.dicom.receive_buffer,
+        "storage.write_threads": config.storage.write_threads,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.storage.spool import Spooled
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +31,10 @@ class Received:
     """One C-STORE (or later STOW-RS) request as it arrived.
 
     ``data`` is the encoded dataset exactly as sent, without file meta
-    information, in ``transfer_syntax``. ``received_at`` is wall-clock time (for
-    the index), ``started`` a monotonic stamp (for latency).
+    information, in ``transfer_syntax``; or, when the transport spooled it to a
+    temp file as it arrived, ``data`` is empty and ``spooled`` has the file, its
+    digest and its first bytes. ``received_at`` is wall-clock time (for the
+    index), ``started`` a monotonic stamp (for latency).
     """
 
     origin: Origin
@@ -39,6 +44,17 @@ class Received:
     data: bytes
     received_at: float
     started: float
+    spooled: Spooled | None = None
+
+    @property
+    def size(self) -> int:
+        """Dataset bytes received."""
+        return self.spooled.size if self.spooled is not None else len(self.data)
+
+    def discard(self) -> None:
+        """Remove the spooled temp file of an item that leaves the pipeline unwritten."""
+        if self.spooled is not None:
+            self.spooled.discard()
 
 
 @dataclass(slots=True)
@@ -48,7 +64,8 @@ class Validated:
     ``attributes`` holds the values the index keeps, by index column name.
     ``digest`` is the SHA-256 of the data as received: a re-sent identical
     instance has the same digest. ``payload`` and ``payload_syntax`` are what
-    the write stage stores (the received bytes, or a transcoded copy).
+    the write stage stores (the received bytes, or a transcoded copy), unless
+    ``spooled`` names the temp file that already holds them.
     """
 
     received: Received
@@ -56,6 +73,9 @@ class Validated:
     digest: str
     payload: bytes
     payload_syntax: str
+    # The received dataset's temp file, stored as it is (renamed into place); None
+    # when ``payload`` is what gets written.
+    spooled: Spooled | None = None
 
 
 class Outcome(enum.Enum):

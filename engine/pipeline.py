@@ -34,6 +34,7 @@ from engine.stages.flow import STOP, Item, Stop
 from engine.stages.index import IndexStage
 from engine.stages.receive import Receiver
 from engine.storage.area import StorageArea
+from engine.storage.spool import Spooler
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ class Pipeline:
         self.thread = write.StorageThread()
         self.in_flight = write.InFlight()
         self.decoder = codecs.Decoder(config.ingest.decode_workers, config.ingest.decode_timeout)
+        # Temp files written as datasets arrive (native transport); the pipeline owns
+        # each one from ``submit`` on: it renames it into place, quarantines or removes it.
+        self.spooler = Spooler(
+            storage.incoming,
+            storage.sync_each,
+            config.storage.write_threads,
+            validate.inspect_head,
+        )
 
     @property
     def capacity(self) -> int:
@@ -112,6 +121,7 @@ class Pipeline:
                 await self.receiver.drained()
                 await q["validate"].put(STOP)
         finally:
+            await asyncio.to_thread(self.spooler.close)
             await asyncio.to_thread(self.thread.close)
             await asyncio.to_thread(self.decoder.close)
         log.info("pipeline stopped; %d items still in it", self.receiver.in_pipeline)

@@ -88,12 +88,18 @@ async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
         rows: list[InstanceRow] = []
         removals: list[str] = []
         settled = True
+        lost: list[str] = []
         for entry in entries:
             rel_path = str(entry["path"])
             path = storage.absolute(rel_path)
-            if not path.exists():
-                continue
             found = existing.get(str(entry["sop_instance_uid"]))
+            if not path.exists():
+                if found is not None and found.path == rel_path:
+                    # Committed, but the flush that would have made the file durable
+                    # did not finish: never acknowledged; forget the row.
+                    log.error("recovery: %s was indexed but its file is missing", rel_path)
+                    lost.append(str(entry["sop_instance_uid"]))
+                continue
             if found is not None:
                 if found.path != rel_path:
                     removals.append(rel_path)
@@ -121,9 +127,12 @@ async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
             )
             removals.extend(report.unreferenced)
             indexed += sum(d is Decision.NEW for d in report.decisions)
+        if lost:
+            await index.forget(lost)
         await asyncio.to_thread(storage.remove, removals)
         if settled:
             storage.end_journal(name)
+    storage.clear_settled_journals()
     if indexed:
         log.warning("recovery: indexed %d files written before an interrupted commit", indexed)
     return indexed

@@ -25,6 +25,7 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 
 from engine import status
+from engine.storage.area import StorageArea
 from tests.helpers import Engine, ct_dataset
 
 # Seconds a sender's association waits for the engine before it gives up (bounds every send).
@@ -261,11 +262,16 @@ def query(engine: Engine, sql: str) -> list[tuple[object, ...]]:
         return list(db.execute(sql).fetchall())
 
 
-def leftovers(engine: Engine) -> tuple[list[Path], list[Path]]:
-    """Temp files and journals still present."""
+def leftovers(engine: Engine) -> tuple[list[Path], list[str]]:
+    """Temp files with data in them, and journaled batches not marked done.
+
+    A running engine keeps a few empty temp files ready and its journal log open;
+    those are not leftovers.
+    """
     incoming = engine.storage / ".incoming"
-    journal = engine.storage / ".journal"
-    return sorted(incoming.iterdir()), sorted(journal.iterdir())
+    written = sorted(p for p in incoming.iterdir() if p.stat().st_size)
+    area = StorageArea(engine.storage, engine.storage / ".quarantine", fsync=False)
+    return written, sorted(name for name, _ in area.journals())
 
 
 def check_store(engine: Engine, acked: set[str], sent: dict[str, Dataset]) -> dict[str, Row]:

@@ -183,12 +183,25 @@ def test_write_batch_places_files_and_journals_them(tmp_path: Path) -> None:
     assert journal is not None
     assert (area.root / rel).read_bytes() == b"headbody"
     assert good.error is None and bad.error is not None
-    assert [entries for _, entries in area.journals()] == [[{"path": rel}, {"path": "bad"}]]
     assert list(area.incoming.iterdir()) == []  # no temp file left, even for the failure
-    area.end_journal(journal)
-    assert list(area.journals()) == []
-    area.mark_clean()
-    area.release()
+    area.release()  # the engine dies before the commit
+    again = StorageArea(tmp_path / "st", tmp_path / "q", fsync=True)
+    assert again.prepare(expect_existing=True) is False
+    left = list(again.journals())
+    assert [entries for _, entries in left] == [[{"path": rel}, {"path": "bad"}]]
+    again.end_journal(left[0][0])
+    assert list(again.journals()) == []
+    assert list(again.journal_dir.iterdir()) == []
+    # Batches written and committed in one run leave no journal after a clean stop.
+    rel2 = again.instance_path("1.2.3", "1.2.3.5", "cd" * 32)
+    batches = [again.write_batch([PendingFile(rel2, (b"x",), {"path": rel2})]) for _ in "ab"]
+    for batch in batches:
+        assert batch is not None
+        again.end_journal(batch)
+    again.mark_clean()
+    assert list(again.journal_dir.iterdir()) == []
+    again.release()
+    area = again
     assert area.prepare(expect_existing=True) is True
     # One engine per storage folder.
     with pytest.raises(StorageError, match="another engine"):

@@ -5,9 +5,13 @@ Bytes come in through ``data_received``, are cut into PDUs by the ``Framer``
 (``fsm.py``), and the machine's actions are carried out here: send a PDU, start or
 stop the ARTIM timer, hand a complete DIMSE message to the services, close.
 
-P-DATA fragments of a dataset are kept as views and joined once, when the last one
-arrives. A request runs as a task owned by the server; its response goes out when
-the pipeline has resolved the item. Timers:
+P-DATA fragments of a C-STORE dataset go to a spool (``storage/spool.py``) as they
+arrive: written to a temp file and hashed by a spool thread while the next PDUs come
+in. Past ``receive_buffer`` bytes not yet written, reading from the peer pauses until
+the spool catches up. Other datasets (and C-STOREs whose pixels the pipeline must
+decode) are kept as views and joined once, when the last fragment arrives. A request
+runs as a task owned by the server; its response goes out when the pipeline has
+resolved the item. Timers:
 
 - ARTIM (``acse_timeout``): a connection that says nothing, or a peer that does not
   close after our last word, is dropped.
@@ -29,6 +33,7 @@ from engine.dicom.fsm import TABLE, Action, Event, State, transition
 from engine.dicom.services import Request
 from engine.errors import ProtocolError
 from engine.model import Origin
+from engine.storage.spool import SpoolFile
 
 if TYPE_CHECKING:
     from engine.dicom.server import NativeServer
@@ -65,6 +70,8 @@ class Association(asyncio.Protocol):
         self._command: dimse.Command | None = None
         self._command_context = 0
         self._data_parts: list[memoryview] = []
+        self._spool: SpoolFile | None = None
+        self._spool_paused = False
         self.outstanding = 0
         self._release_pending = False
         self._abort_reason = pdu.AbortReason.NOT_SPECIFIED
@@ -118,6 +125,8 @@ class Association(asyncio.Protocol):
             if event is not Event.EVT10 or self.state is not State.STA6:  # not the hot path
                 self._note_unexpected(pdu_type, event)
             self._event(event, body)
+        if self._spool is not None and self._data_parts:
+            self._spool_parts()
 
     def eof_received(self) -> bool:
         if self.framer.pending:
@@ -131,6 +140,9 @@ class Association(asyncio.Protocol):
         self.transport = None
         self._data_parts.clear()
         self._command_parts.clear()
+        if self._spool is not None:
+            self._spool.discard()  # the dataset will never be complete
+            self._spool = None
         self.server.associations.discard(self)
 
     # -- the state machine --------------------------------------------------------------
@@ -269,6 +281,9 @@ class Association(asyncio.Protocol):
             self._command_parts.clear()
             if command.has_dataset:
                 self._command, self._command_context = command, pdv.context_id
+                self._spool = self.server.services.open_spool(
+                    self.origin, command, context.abstract_syntax, context.transfer_syntax
+                )
             else:
                 self._dispatch(command, None, context)
             return
@@ -276,13 +291,46 @@ class Association(asyncio.Protocol):
             raise ProtocolError("a dataset fragment arrived without its command")
         self._data_parts.append(pdv.data)
         if pdv.is_last:
-            dataset = b"".join(self._data_parts)  # the one copy of the dataset
-            self._data_parts.clear()
             command, self._command = self._command, None
-            self._dispatch(command, dataset, context)
+            spool, self._spool = self._spool, None
+            if spool is None:
+                dataset = b"".join(self._data_parts)  # the one copy of the dataset
+                self._data_parts.clear()
+                self._dispatch(command, dataset, context)
+            else:
+                spool.add(self._data_parts)
+                self._data_parts = []
+                self._dispatch(command, None, context, spool)
+
+    def _spool_parts(self) -> None:
+        """Hand the fragments of this read to the spool; pause reading if it lags."""
+        spool = self._spool
+        assert spool is not None
+        spool.add(self._data_parts)
+        self._data_parts = []
+        limit = self.server.receive_buffer
+        if spool.pending > limit and self.transport is not None and not self._spool_paused:
+            self._spool_paused = True
+            self.transport.pause_reading()
+            spool.low_water = limit // 2
+            spool.on_drained = self._spool_drained
+            if spool.pending <= spool.low_water:  # the thread caught up meanwhile
+                spool.on_drained = None
+                self._spool_drained()
+
+    def _spool_drained(self) -> None:
+        if not self._spool_paused:
+            return
+        self._spool_paused = False
+        if self.transport is not None and self.outstanding < MAX_OUTSTANDING:
+            self.transport.resume_reading()
 
     def _dispatch(
-        self, command: dimse.Command, dataset: bytes | None, context: acse.AcceptedContext
+        self,
+        command: dimse.Command,
+        dataset: bytes | None,
+        context: acse.AcceptedContext,
+        spool: SpoolFile | None = None,
     ) -> None:
         request = Request(
             origin=self.origin,
@@ -291,6 +339,7 @@ class Association(asyncio.Protocol):
             command=command,
             dataset=dataset,
             completed_at=time.monotonic(),
+            spooled=spool.finish() if spool is not None else None,
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -320,7 +369,7 @@ class Association(asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: answering %s", self._who(), request.command.affected_sop_instance_uid)
         self._event(Event.EVT9, pdu.encode_pdata(context_id, True, response, self.peer_max_pdu))
-        if self.outstanding < MAX_OUTSTANDING:
+        if self.outstanding < MAX_OUTSTANDING and not self._spool_paused:
             self.transport.resume_reading()
         if self._release_pending and not self.outstanding and self.state is State.STA8:
             self._release_pending = False

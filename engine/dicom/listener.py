@@ -10,6 +10,8 @@ from engine.dicom.scp import StoreSCP
 from engine.dicom.server import NativeServer
 from engine.dicom.services import Services
 from engine.stages.receive import Receiver
+from engine.stages.validate import needs_decoding
+from engine.storage.spool import Spooler
 
 
 class Listener(Protocol):
@@ -36,7 +38,17 @@ class ThreadedListener:
         await asyncio.to_thread(self.scp.stop, grace)
 
 
-def make_listener(dicom: DicomConfig, ingest: IngestConfig, receiver: Receiver) -> Listener:
+def make_listener(
+    dicom: DicomConfig, ingest: IngestConfig, receiver: Receiver, spooler: Spooler | None = None
+) -> Listener:
+    """The listener for ``dicom.transport``. The native one writes C-STORE datasets to
+    ``spooler`` as they arrive, except those the pipeline must decode (held in memory)."""
     if dicom.transport is TransportKind.NATIVE:
-        return NativeServer(dicom, Services(receiver, ingest.store_timeout))
+        services = Services(
+            receiver,
+            ingest.store_timeout,
+            spooler,
+            lambda transfer_syntax: not needs_decoding(ingest, transfer_syntax),
+        )
+        return NativeServer(dicom, services)
     return ThreadedListener(dicom, receiver)

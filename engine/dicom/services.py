@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine import status
@@ -17,6 +18,8 @@ from engine.dicom import dimse
 from engine.dicom.dimse import CommandField
 from engine.model import Origin, Outcome, Received, Result
 from engine.stages.receive import Receiver
+from engine.storage.area import is_out_of_space
+from engine.storage.spool import Spooled, Spooler, SpoolFile
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +34,42 @@ class Request:
     command: dimse.Command
     dataset: bytes | None
     completed_at: float  # monotonic: when the last fragment arrived
+    # The dataset written to a temp file as it arrived (then ``dataset`` is None).
+    spooled: asyncio.Future[Spooled] | None = None
 
 
 class Services:
-    def __init__(self, receiver: Receiver, store_timeout: float) -> None:
+    def __init__(
+        self,
+        receiver: Receiver,
+        store_timeout: float,
+        spooler: Spooler | None = None,
+        spools: Callable[[str], bool] = lambda transfer_syntax: False,
+    ) -> None:
+        """``spools`` says whether a C-STORE dataset in this syntax goes to ``spooler``
+        as it arrives (not when the pipeline must decode its pixels)."""
         self.receiver = receiver
         self.store_timeout = store_timeout
+        self.spooler = spooler
+        self.spools = spools
+
+    def open_spool(
+        self, origin: Origin, command: dimse.Command, abstract_syntax: str, transfer_syntax: str
+    ) -> SpoolFile | None:
+        """A spool for the dataset that follows this command, or None to collect it in memory."""
+        if (
+            self.spooler is None
+            or command.command_field != CommandField.C_STORE_RQ
+            or not command.affected_sop_instance_uid
+            or not self.spools(transfer_syntax)
+        ):
+            return None
+        return self.spooler.open(
+            command.affected_sop_class_uid or abstract_syntax,
+            command.affected_sop_instance_uid,
+            transfer_syntax,
+            origin.calling_ae,
+        )
 
     async def handle(self, request: Request) -> bytes | None:
         """The encoded response command set (none carries a dataset yet), or None.
@@ -78,22 +111,35 @@ class Services:
 
     async def store(self, request: Request) -> Result:
         command = request.command
-        if request.dataset is None or not command.affected_sop_instance_uid:
+        spooled: Spooled | None = None
+        if request.spooled is not None:
+            try:
+                spooled = await request.spooled
+            except OSError as exc:
+                log.error("cannot write %s to disk: %s", command.affected_sop_instance_uid, exc)
+                outcome = (
+                    Outcome.OUT_OF_RESOURCES if is_out_of_space(exc) else Outcome.PROCESSING_FAILURE
+                )
+                return Result(outcome, f"cannot write the file: {exc.strerror or exc}")
+        elif request.dataset is None or not command.affected_sop_instance_uid:
             log.warning(
                 "C-STORE without a dataset or SOP Instance UID from %s", request.origin.calling_ae
             )
             return Result(Outcome.CANNOT_UNDERSTAND, "C-STORE without a dataset or instance UID")
+        assert command.affected_sop_instance_uid is not None
         received = Received(
             origin=request.origin,
             sop_class_uid=command.affected_sop_class_uid or request.abstract_syntax,
             sop_instance_uid=command.affected_sop_instance_uid,
             transfer_syntax=request.transfer_syntax,
-            data=request.dataset,
+            data=request.dataset or b"",
             received_at=time.time(),
             started=request.completed_at,
+            spooled=spooled,
         )
         try:
-            result = await asyncio.wait_for(self.receiver.submit(received), self.store_timeout)
+            async with asyncio.timeout(self.store_timeout):  # no extra task, unlike wait_for
+                result = await self.receiver.submit(received)
         except TimeoutError:
             log.error(
                 "no answer for %s within %.0f s; answering out of resources",

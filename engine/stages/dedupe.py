@@ -34,6 +34,7 @@ DUPLICATE_MESSAGE = "an instance with this SOP Instance UID and different conten
 
 class Lookup(Protocol):
     async def lookup(self, sop_instance_uids: list[str]) -> dict[str, Existing]: ...
+    def lookup_now(self, sop_instance_uids: list[str]) -> dict[str, Existing] | None: ...
 
 
 def apply(item: Item, decision: Decision, existing: Existing | None) -> None:
@@ -60,8 +61,10 @@ async def run(
         batch, stop = await take_batch(inbox, batch_max)
         candidates = [i for i in batch if i.validated is not None and i.rejection is None]
         if candidates:
+            uids = [i.received.sop_instance_uid for i in candidates]
             try:
-                existing = await index.lookup([i.received.sop_instance_uid for i in candidates])
+                quick = index.lookup_now(uids)
+                existing = quick if quick is not None else await index.lookup(uids)
             except Exception:
                 # The index stage judges again; a failed fast path costs only a write.
                 log.exception("duplicate lookup failed; leaving the decision to the index")

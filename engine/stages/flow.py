@@ -79,5 +79,7 @@ async def forward(outbox: asyncio.Queue[Item | Stop], batch: list[Item], stop: b
     for item in batch:
         if not item.done or item.path is not None:
             await outbox.put(item)
+        else:
+            item.received.discard()  # answered without a file of its own: drop its temp file
     if stop:
         await outbox.put(STOP)

@@ -20,7 +20,7 @@ from engine.model import Outcome, Result
 from engine.stages.dedupe import DUPLICATE_MESSAGE, OUTCOME_OF
 from engine.stages.flow import Item, Stop, take_batch
 from engine.stages.write import InFlight, StorageThread, quarantine
-from engine.storage.area import StorageArea
+from engine.storage.area import StorageArea, is_out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ class IndexStage:
         self.thread = thread
         self.in_flight = in_flight
         self.decide: Decide = lambda existing, digest: decide(existing, digest, policy)
+        self._cleanups: set[asyncio.Future[None]] = set()
+
+    def _cleaned(self, task: asyncio.Future[None]) -> None:
+        self._cleanups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("clean-up after a commit failed", exc_info=task.exception())
 
     async def commit(self, batch: list[Item]) -> None:
         written = [i for i in batch if i.path is not None and i.rejection is None]
@@ -87,7 +93,9 @@ class IndexStage:
         except Exception as exc:
             # Files stay, journals stay: the start-up recovery settles them. Nothing
             # here may delete a file another item could be committing right now.
-            full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+                is_out_of_space(exc)
+            )
             log.exception("index commit failed for a batch of %d", len(batch))
             outcome = Outcome.OUT_OF_RESOURCES if full else Outcome.PROCESSING_FAILURE
             for item in batch:
@@ -116,7 +124,17 @@ class IndexStage:
             else:
                 item.resolve(Result(OUTCOME_OF[decision], "", item.path))
         removable = [p for p in report.unreferenced if not self.in_flight.holds(p)]
-        await self.thread.run(self._after_commit, removable, finished_journals, duplicates)
+        cleanup = self.thread.run(self._after_commit, removable, finished_journals, duplicates)
+        if not duplicates:
+            # Journal ends and removals wait on the storage thread behind the next write
+            # batch; the index stage goes on with its next batch meanwhile.
+            self._cleanups.add(task := asyncio.ensure_future(cleanup))
+            task.add_done_callback(self._cleaned)
+            for item in refused:
+                assert item.rejection is not None
+                item.resolve(item.rejection)
+            return
+        await cleanup
         if duplicates:
             await self.index.commit_batch([], [quarantine_row(i) for i in duplicates], self.decide)
         for item in refused + duplicates:
@@ -143,4 +161,6 @@ class IndexStage:
                     for item in batch:
                         item.resolve(Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}"))
             if stop:
+                if self._cleanups:
+                    await asyncio.gather(*self._cleanups, return_exceptions=True)
                 return

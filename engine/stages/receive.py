@@ -45,11 +45,15 @@ class Receiver:
     async def submit(self, received: Received) -> Result:
         """Put one item into the pipeline and wait for its result (on the loop)."""
         if self.closed:
+            received.discard()
             return Result(Outcome.OUT_OF_RESOURCES, "the engine is shutting down")
         item = Item(received, self.loop.create_future())
         self.waiting += 1
         try:
             await self.queue.put(item)
+        except BaseException:
+            received.discard()  # never entered the pipeline (the sender gave up)
+            raise
         finally:
             self.waiting -= 1
             if self.waiting == 0:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 import zlib
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
@@ -32,6 +33,7 @@ from engine.attributes import ALL_KEYS, INTEGER_COLUMNS
 from engine.config import IngestConfig, Transcode
 from engine.model import Outcome, Received, Rejection, Validated
 from engine.stages.flow import Item, Stop, forward, take_batch
+from engine.storage.spool import Spooled
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +71,60 @@ def _truncated(what: str, declared: int, present: int) -> Rejection:
     )
 
 
-def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
+# ``parse_header``'s size when only the start of a dataset is here and its length is
+# not known yet (the spool parses the head while the rest arrives).
+SIZE_UNKNOWN = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A parsed header, and where the pixel data's value starts and what length it declares."""
+
+    ds: Dataset
+    pixel_tag: BaseTag | None = None
+    pixel_at: int = 0
+    pixel_length: int = _UNDEFINED_LENGTH
+
+    def check_size(self, size: int) -> None:
+        """Reject a dataset of ``size`` bytes too short for its pixel data's declared length."""
+        present = size - self.pixel_at
+        declared = self.pixel_length != _UNDEFINED_LENGTH
+        if self.pixel_tag is not None and declared and self.pixel_length > present:
+            raise _truncated(f"element {self.pixel_tag}", self.pixel_length, present)
+
+
+def parse_header(data: bytes, transfer_syntax: str, size: int | None = None) -> Header | None:
     """The dataset up to (not including) the pixel data, in the given syntax.
 
     Raises ``Rejection`` for an unknown syntax or bytes that do not parse,
     including a dataset cut short (pydicom reads a short value silently).
+
+    ``size``: ``data`` is only the first part of a dataset of ``size`` bytes (or of a
+    length not known yet: ``SIZE_UNKNOWN``; check the pixel data's length with
+    ``Header.check_size`` once it is). Returns None if the pixel data does not start
+    within ``data`` (parse the whole dataset then).
     """
+    partial = size == SIZE_UNKNOWN or (size is not None and size > len(data))
     if transfer_syntax not in KNOWN_SYNTAXES:
         raise Rejection(Outcome.UNSUPPORTED_SYNTAX, f"unknown transfer syntax {transfer_syntax}")
     syntax = UID(transfer_syntax)
+    pixels: list[tuple[BaseTag, int, int]] = []
     try:
         if syntax == DeflatedExplicitVRLittleEndian:
+            if partial:
+                return None  # a deflated stream is inflated whole
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
         stream = BytesIO(data)
+        total = len(data) if not partial else size if size and size > 0 else None
 
         def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
             if not _stop_at_pixels(tag, vr, length):
                 return False
-            present = len(data) - stream.tell()
-            if length != _UNDEFINED_LENGTH and length > present:
-                raise _truncated(f"element {tag}", length, present)
+            pixels.append((tag, stream.tell(), length))
+            if total is not None:
+                present = total - stream.tell()
+                if length != _UNDEFINED_LENGTH and length > present:
+                    raise _truncated(f"element {tag}", length, present)
             return True
 
         ds = read_dataset(
@@ -97,6 +133,8 @@ def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
             is_little_endian=syntax.is_little_endian,
             stop_when=stop,
         )
+        if partial and not pixels:
+            return None  # the header goes on past the bytes we have
         if len(ds) and stream.tell() == len(data):
             # Read to the end: only the last value (highest tag) can have been cut short.
             last = ds.get_item(max(ds.keys()))
@@ -110,12 +148,35 @@ def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
         # Elements are decoded lazily; decode the ones we use now, inside the try.
         _ = [ds.get(keyword) for keyword in ALL_KEYS.values()]
     except Rejection:
+        if partial:
+            return None  # perhaps only our cut: judge the whole dataset
         raise
     except Exception as exc:
+        if partial:
+            return None
         raise Rejection(Outcome.CANNOT_UNDERSTAND, f"dataset does not parse: {exc}") from exc
     if len(ds) == 0:
         raise Rejection(Outcome.CANNOT_UNDERSTAND, "empty dataset")
-    return ds
+    if pixels and syntax != DeflatedExplicitVRLittleEndian:
+        # (A deflated dataset is parsed whole, and offsets are in the inflated bytes.)
+        tag, at, length = pixels[0]
+        return Header(ds, tag, at, length)
+    return Header(ds)
+
+
+def inspect_head(head: bytes, transfer_syntax: str, complete: bool) -> Header | Rejection | None:
+    """The spool's early parse, on its thread, while the rest of the dataset arrives.
+
+    ``complete``: ``head`` is the whole dataset. Returns the header, the final
+    ``Rejection`` of a complete dataset, or None (judge it when it is all here).
+    """
+    try:
+        return parse_header(head, transfer_syntax, None if complete else SIZE_UNKNOWN)
+    except Rejection as rejection:
+        return rejection
+    except Exception:  # judged again, with the whole dataset, in the validate stage
+        log.exception("early header parse failed")
+        return None
 
 
 def _plain(value: Any, column: str) -> Any:
@@ -168,18 +229,47 @@ def check_uids(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> None:
         )
 
 
+def parse_complete(data: bytes, transfer_syntax: str) -> Dataset:
+    header = parse_header(data, transfer_syntax)
+    assert header is not None  # only a partial parse returns None
+    return header.ds
+
+
+def _parse_spooled(spooled: Spooled, transfer_syntax: str) -> Dataset:
+    """Use the spool's early parse, or the bytes kept in memory; read the file only for
+    a header longer than those."""
+    early = spooled.early
+    if isinstance(early, Rejection):
+        raise early
+    if isinstance(early, Header):
+        early.check_size(spooled.size)
+        return early.ds
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        header = parse_header(spooled.head, transfer_syntax, spooled.size)
+        if header is not None:
+            return header.ds
+    return parse_complete(spooled.read_dataset(), transfer_syntax)
+
+
 def validate(received: Received) -> Validated:
     """Header-only validation of one received instance. Raises ``Rejection``."""
-    if not received.data:
+    if not received.size:
         raise Rejection(Outcome.CANNOT_UNDERSTAND, "empty dataset")
-    ds = parse_header(received.data, received.transfer_syntax)
+    spooled = received.spooled
+    if spooled is not None:
+        ds = _parse_spooled(spooled, received.transfer_syntax)
+        digest = spooled.digest  # hashed as it arrived
+    else:
+        ds = parse_complete(received.data, received.transfer_syntax)
+        digest = hashlib.sha256(received.data).hexdigest()
     check_uids(ds, received.sop_class_uid, received.sop_instance_uid)
     return Validated(
         received=received,
         attributes=extract(ds),
-        digest=hashlib.sha256(received.data).hexdigest(),
+        digest=digest,
         payload=received.data,
         payload_syntax=received.transfer_syntax,
+        spooled=spooled,
     )
 
 
@@ -195,6 +285,11 @@ def validate_batch(items: list[Item]) -> None:
             item.reject(Outcome.PROCESSING_FAILURE, f"internal error in validation: {exc!r}")
 
 
+def _parsed_early(item: Item) -> bool:
+    spooled = item.received.spooled
+    return spooled is not None and spooled.early is not None
+
+
 def needs_decoding(config: IngestConfig, transfer_syntax: str) -> bool:
     """Whether this item goes through the decoder pool."""
     if not codecs.is_compressed(transfer_syntax):
@@ -206,6 +301,10 @@ async def _decode(item: Item, config: IngestConfig, decoder: codecs.Decoder) -> 
     validated = item.validated
     assert validated is not None
     transcode = config.transcode is Transcode.EXPLICIT_LITTLE
+    if validated.spooled is not None:  # the transport spools only what needs no decoding
+        spooled, validated.spooled = validated.spooled, None
+        validated.payload = await asyncio.to_thread(spooled.read_dataset)
+        await asyncio.to_thread(spooled.discard)
     try:
         payload, syntax = await decoder.process(
             validated.payload, validated.payload_syntax, transcode
@@ -231,8 +330,11 @@ async def run(
     loop = asyncio.get_running_loop()
     while True:
         batch, stop = await take_batch(inbox, batch_max)
-        if batch:
+        if all(_parsed_early(item) for item in batch):
+            validate_batch(batch)  # what is left is a few checks: no hand-off to a thread
+        elif batch:
             await loop.run_in_executor(None, validate_batch, batch)
+        if batch:
             decoding = [
                 _decode(item, config, decoder)
                 for item in batch

@@ -20,7 +20,8 @@ from engine import status
 from engine.model import Outcome, Received
 from engine.stages.flow import Item, Stop, forward, take_batch
 from engine.storage import part10
-from engine.storage.area import PendingFile, StorageArea, is_out_of_space
+from engine.storage.area import SUFFIX, PendingFile, StorageArea, is_out_of_space
+from engine.storage.spool import Spooled
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,7 +90,7 @@ def quarantine_note(received: Received, outcome: Outcome, reason: str) -> dict[s
         "peer_ip": origin.peer_ip,
         "peer_port": origin.peer_port,
         "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(received.received_at)),
-        "size": len(received.data),
+        "size": received.size,
     }
 
 
@@ -98,6 +99,26 @@ def quarantine(storage: StorageArea, item: Item) -> None:
     assert item.rejection is not None
     received = item.received
     note = quarantine_note(received, item.rejection.outcome, item.rejection.message)
+    spooled = received.spooled
+    if spooled is not None and item.path is not None:
+        # Refused by the index after its file was renamed into place: copy that file
+        # (the index stage removes it, unless another item claims the path meanwhile).
+        try:
+            data = storage.absolute(item.path).read_bytes()
+            item.quarantine_path = storage.quarantine((data,), note, SUFFIX)
+        except OSError as exc:
+            log.error("cannot quarantine %s: %s", received.sop_instance_uid, exc)
+        _log_rejection(item)
+        return
+    if spooled is not None:  # the temp file already has the header, if one could be built
+        try:
+            suffix = ".dcm" if spooled.header_length else ".raw"
+            item.quarantine_path = storage.quarantine(spooled.temp, note, suffix)
+        except OSError as exc:
+            log.error("cannot quarantine %s: %s", received.sop_instance_uid, exc)
+            spooled.discard()
+        _log_rejection(item)
+        return
     try:
         head = part10.header(
             received.sop_class_uid,
@@ -113,6 +134,12 @@ def quarantine(storage: StorageArea, item: Item) -> None:
         item.quarantine_path = storage.quarantine(chunks, note, suffix)
     except OSError as exc:
         log.error("cannot quarantine %s: %s", received.sop_instance_uid, exc)
+    _log_rejection(item)
+
+
+def _log_rejection(item: Item) -> None:
+    assert item.rejection is not None
+    received = item.received
     log.warning(
         "rejected %s from %s (%s): %s",
         received.sop_instance_uid,
@@ -129,6 +156,17 @@ def pending_file(storage: StorageArea, item: Item) -> PendingFile:
     origin = received.origin
     rel_path = item.path
     assert rel_path is not None
+    journal_entry = {
+        "path": rel_path,
+        "sop_instance_uid": received.sop_instance_uid,
+        "digest": validated.digest,
+        "received_at": received.received_at,
+        "calling_ae": origin.calling_ae,
+        "called_ae": origin.called_ae,
+        "peer_ip": origin.peer_ip,
+    }
+    if validated.spooled is not None:
+        return PendingFile.spooled(rel_path, validated.spooled.temp, journal_entry)
     head = part10.header(
         received.sop_class_uid,
         received.sop_instance_uid,
@@ -136,18 +174,12 @@ def pending_file(storage: StorageArea, item: Item) -> PendingFile:
         origin.calling_ae,
     )
     return PendingFile(
-        rel_path=rel_path,
-        chunks=(head, validated.payload),
-        journal_entry={
-            "path": rel_path,
-            "sop_instance_uid": received.sop_instance_uid,
-            "digest": validated.digest,
-            "received_at": received.received_at,
-            "calling_ae": origin.calling_ae,
-            "called_ae": origin.called_ae,
-            "peer_ip": origin.peer_ip,
-        },
+        rel_path=rel_path, chunks=(head, validated.payload), journal_entry=journal_entry
     )
+
+
+def _headless(spooled: Spooled | None) -> bool:
+    return spooled is not None and spooled.header_length == 0
 
 
 def write_batch(storage: StorageArea, items: list[Item]) -> None:
@@ -157,13 +189,25 @@ def write_batch(storage: StorageArea, items: list[Item]) -> None:
         if item.rejection is not None:
             if item.rejection.outcome.quarantines:
                 quarantine(storage, item)
+            else:
+                item.received.discard()
+        elif item.validated is not None and _headless(item.validated.spooled):
+            log.error("no file meta header for %s", item.received.sop_instance_uid)
+            item.reject(Outcome.PROCESSING_FAILURE, "no file meta header could be built")
+            item.received.discard()
         elif item.path is not None:
             writes.append((item, pending_file(storage, item)))
+        else:
+            item.received.discard()
     journal = storage.write_batch([pending for _, pending in writes])
     for item, pending in writes:
         if pending.error is None:
             item.journal = journal
-            item.size = sum(len(chunk) for chunk in pending.chunks)
+            spooled = item.validated.spooled if item.validated is not None else None
+            if spooled is not None:
+                item.size = spooled.header_length + spooled.size
+            else:
+                item.size = sum(len(chunk) for chunk in pending.chunks)
             continue
         outcome = (
             Outcome.OUT_OF_RESOURCES

@@ -4,7 +4,8 @@ Layout under the configured root (local disk or a NAS mount)::
 
     ab/cd/<StudyInstanceUID>/<SOPInstanceUID>.<digest16>.dcm   instance files
     .incoming/                                                 temp files being written
-    .journal/<batch>.json                                      files renamed, rows not yet committed
+    .journal/<run>.log                                         batches renamed into place, one JSON
+                                                               line each, and their "done" lines
     .quarantine/<YYYYMMDD>/<time>-<id>.dcm + .json             rejected input (default place)
     .clean-shutdown                                            present only while stopped cleanly
     .lock                                                      flock held by the running engine
@@ -13,11 +14,13 @@ Invariants:
 
 - A file appears under its final name only by ``rename`` from ``.incoming``, so
   a reader never sees half a file.
-- Before any file of a batch is renamed into place, the batch's journal lists
-  it. The journal is removed after the index commit. At start, a journal left
-  behind names exactly the files that may lack an index row.
+- Before any file of a batch is renamed into place, the batch's journal entry
+  lists it. After the index commit the entry is marked done; a run's journal log
+  is removed when all its batches are done. At start, the entries left without
+  "done" name exactly the files that may lack an index row.
 - With ``fsync`` on, every file, the journal and the directories that changed
-  are synced before the batch goes to the index, so a success status (sent after
+  are synced (one by one, or all at once by one ``syncfs`` of the filesystem)
+  before the batch goes to the index, so a success status (sent after
   the commit) survives a power cut. With it off, the bytes are in the OS cache:
   they survive a crash of the engine, not of the machine (as dcmtk's storescp).
 - The file name carries the content digest: two copies with the same UID and
@@ -27,20 +30,23 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from engine.config import SyncMethod
 from engine.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,10 @@ CLEAN_MARK = ".clean-shutdown"
 LOCK = ".lock"
 SUFFIX = ".dcm"
 DIGEST_IN_NAME = 16
+JOURNAL_LOG = ".log"
+JOURNAL_BATCH_SEPARATOR = "#"
+# A journal log longer than this is replaced by a new one at the next batch.
+JOURNAL_ROTATE_BYTES = 16 * 1024 * 1024
 
 
 def is_out_of_space(exc: BaseException) -> bool:
@@ -67,15 +77,37 @@ class PendingFile:
     error: OSError | None = None
     _temp: Path | None = field(default=None, repr=False)
 
+    @classmethod
+    def spooled(cls, rel_path: str, temp: Path, journal_entry: dict[str, Any]) -> PendingFile:
+        """A file already written to a temp file in ``.incoming`` (and synced if fsync is on)."""
+        return cls(rel_path, (), journal_entry, _temp=temp)
+
 
 class StorageArea:
-    def __init__(self, root: Path, quarantine: Path, fsync: bool) -> None:
+    def __init__(
+        self, root: Path, quarantine: Path, fsync: bool, sync_method: SyncMethod = SyncMethod.FSYNC
+    ) -> None:
         self.root = root
         self.quarantine_root = quarantine
         self.fsync = fsync
+        if fsync and sync_method is SyncMethod.SYNCFS and _SYNCFS is None:
+            log.warning("syncfs is not available here; syncing every file instead")
+            sync_method = SyncMethod.FSYNC
+        # With syncfs, one flush of the filesystem per batch covers the files, the
+        # journal and the directories: nothing is synced one by one.
+        self.sync_each = fsync and sync_method is SyncMethod.FSYNC
+        self.sync_batch = fsync and sync_method is SyncMethod.SYNCFS
         self.incoming = root / INCOMING
         self.journal_dir = root / JOURNAL
         self._lock_fd: int | None = None
+        # The journal log of this run (see ``_write_journal``) and the batches in each
+        # log not yet ended; the logs of an interrupted run being replayed.
+        self._log_path: Path | None = None
+        self._log_fd = -1
+        self._log_size = 0
+        self._batch_log: dict[str, Path] = {}
+        self._open_batches: dict[Path, set[str]] = {}
+        self._replaying: dict[str, set[str]] = {}
 
     # -- start and stop -------------------------------------------------------
 
@@ -122,12 +154,42 @@ class StorageArea:
             raise StorageError(f"another engine is using the storage folder {self.root}") from None
 
     def release(self) -> None:
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     def mark_clean(self) -> None:
+        """At a clean stop, after the last commit: no file was left half-done."""
+        self.close_journal()
         (self.root / CLEAN_MARK).write_bytes(b"")
+
+    def flusher(self, index_path: Path) -> Callable[[], None] | None:
+        """With syncfs: the one flush per batch, run after the index commit.
+
+        It syncs the storage folder's filesystem, and the index's if that is another
+        one: the batch's files, journal entry, directories and index rows reach the
+        disk together, in one flush instead of one per file and one for the commit.
+        A success is sent only after it. A crash before it ends leaves any part of the
+        batch; nothing was acknowledged, and the start-up recovery (journal replay,
+        rows whose file is missing dropped after an unclean stop) settles it.
+        """
+        if not self.sync_batch:
+            return None
+        folders: list[Path] = []
+
+        def flush() -> None:
+            if not folders:  # first commit: both folders exist by now
+                folders.append(self.root)
+                index_folder = index_path.resolve().parent
+                if index_folder.stat().st_dev != self.root.stat().st_dev:
+                    folders.append(index_folder)
+            for folder in folders:
+                _syncfs(folder)
+
+        return flush
 
     # -- paths ----------------------------------------------------------------
 
@@ -149,7 +211,8 @@ class StorageArea:
         commit), or None if no file made it.
         """
         for pending in files:
-            self._write_temp(pending)
+            if pending._temp is None:
+                self._write_temp(pending)
         ready = [f for f in files if f.error is None]
         if not ready:
             return None
@@ -172,9 +235,10 @@ class StorageArea:
                 synced_dirs.add(final.parent)
             except OSError as exc:
                 self._fail(pending, exc)
-        if self.fsync:
+        if self.sync_each:
             for directory in synced_dirs:
                 _fsync_dir(directory)
+        # With syncfs, the index commit's flush (``flusher``) makes the batch durable.
         if all(f.error is not None for f in files):
             self.end_journal(journal)
             return None
@@ -187,7 +251,7 @@ class StorageArea:
             with open(temp, "wb") as fh:
                 for chunk in pending.chunks:
                     fh.write(chunk)
-                if self.fsync:
+                if self.sync_each:
                     fh.flush()
                     os.fsync(fh.fileno())
         except OSError as exc:
@@ -216,32 +280,121 @@ class StorageArea:
         return [folder.parent for folder in missing]
 
     def _write_journal(self, name: str, entries: list[dict[str, Any]]) -> None:
-        path = self.journal_dir / f"{name}.json"
-        with open(path, "wb") as fh:
-            fh.write(orjson.dumps(entries))
-            if self.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        """Append the batch to this run's journal log; with fsync on, sync it.
+
+        One file per run, appended to and synced per batch (cheaper than a new file
+        per batch: no file to create, no directory to sync, no file to remove). A
+        batch's "done" line is appended after its commit without a sync: if it is
+        lost, recovery only finds the batch's files already indexed.
+        """
+        if self._log_fd < 0 or self._log_size > JOURNAL_ROTATE_BYTES:
+            self._rotate_log()
+        line = orjson.dumps({"batch": name, "files": entries}) + b"\n"
+        self._append(line)
+        if self.sync_each:
+            os.fdatasync(self._log_fd)
+        assert self._log_path is not None
+        self._batch_log[name] = self._log_path
+        self._open_batches[self._log_path].add(name)
+
+    def _append(self, line: bytes) -> None:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._log_fd, view) :]
+        self._log_size += len(line)
+
+    def _rotate_log(self) -> None:
+        """Start a new journal log; the old one goes once its batches are all done."""
+        old = self._log_path
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+        self._log_path = (
+            self.journal_dir
+            / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}{JOURNAL_LOG}"
+        )
+        self._log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._log_size = 0
+        self._open_batches[self._log_path] = set()
         if self.fsync:
             _fsync_dir(self.journal_dir)
+        if old is not None and not self._open_batches.get(old):
+            self._drop_log(old)
+
+    def _drop_log(self, log_path: Path) -> None:
+        self._open_batches.pop(log_path, None)
+        log_path.unlink(missing_ok=True)
 
     def end_journal(self, name: str) -> None:
-        """The batch is committed (or undone): its journal is no longer needed."""
-        (self.journal_dir / f"{name}.json").unlink(missing_ok=True)
+        """The batch is committed (or undone): its journal entry is no longer needed."""
+        log_path = self._batch_log.pop(name, None)
+        if log_path is not None:  # a batch of this run
+            pending = self._open_batches.get(log_path)
+            if pending is not None:
+                pending.discard(name)
+            if log_path == self._log_path and self._log_fd >= 0:
+                self._append(orjson.dumps({"done": name}) + b"\n")
+            elif not pending:
+                self._drop_log(log_path)
+            return
+        log_name, _, batch = name.partition(JOURNAL_BATCH_SEPARATOR)
+        if not batch:  # a per-batch JSON journal (engines before the journal log)
+            (self.journal_dir / f"{name}.json").unlink(missing_ok=True)
+            return
+        left = self._replaying.get(log_name)  # a batch of an interrupted run's log
+        if left is not None:
+            left.discard(batch)
+            if not left:
+                del self._replaying[log_name]
+                (self.journal_dir / log_name).unlink(missing_ok=True)
+
+    def close_journal(self) -> bool:
+        """At a clean stop: remove this run's journal log if every batch in it is done.
+
+        Returns whether no batch is left open.
+        """
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+        open_left = any(self._open_batches.values())
+        for log_path, pending in list(self._open_batches.items()):
+            if not pending:
+                self._drop_log(log_path)
+        return not open_left
+
+    def clear_settled_journals(self) -> None:
+        """After the start-up replay: remove old journal logs with no batch left open."""
+        for log_name, left in list(self._replaying.items()):
+            if not left:
+                del self._replaying[log_name]
+                (self.journal_dir / log_name).unlink(missing_ok=True)
 
     def journals(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-        """Journals left by an interrupted run, oldest first."""
-        paths = sorted(self.journal_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        """Journaled batches left by an interrupted run, oldest first, as (name, files).
+
+        Pass each name to ``end_journal`` once the batch is settled.
+        """
+        paths = sorted(
+            [*self.journal_dir.glob("*.json"), *self.journal_dir.glob(f"*{JOURNAL_LOG}")],
+            key=lambda p: p.stat().st_mtime,
+        )
         for path in paths:
-            try:
-                entries = orjson.loads(path.read_bytes())
-            except (OSError, orjson.JSONDecodeError) as exc:
-                # With fsync on, a journal is synced before any rename: an unreadable one
-                # named no file in place. With fsync off a power cut can tear it; the files
-                # it named then stay on disk without rows.
-                log.warning("ignoring unreadable journal %s: %s", path.name, exc)
-                entries = []
-            yield path.stem, entries
+            if path == self._log_path:
+                continue
+            if path.suffix == ".json":
+                try:
+                    entries = orjson.loads(path.read_bytes())
+                except (OSError, orjson.JSONDecodeError) as exc:
+                    # With fsync on, a journal is synced before any rename: an unreadable
+                    # one named no file in place. With fsync off a power cut can tear it;
+                    # the files it named then stay on disk without rows.
+                    log.warning("ignoring unreadable journal %s: %s", path.name, exc)
+                    entries = []
+                yield path.stem, entries
+                continue
+            batches = _read_log(path)
+            self._replaying[path.name] = set(batches)
+            for batch, entries in batches.items():
+                yield f"{path.name}{JOURNAL_BATCH_SEPARATOR}{batch}", entries
 
     def remove(self, rel_paths: Iterable[str]) -> None:
         """Remove files the index does not reference (losing duplicates, replaced copies)."""
@@ -253,26 +406,99 @@ class StorageArea:
 
     # -- quarantine -------------------------------------------------------------
 
-    def quarantine(self, chunks: tuple[bytes, ...], note: dict[str, Any], suffix: str) -> str:
-        """Keep rejected bytes with a JSON note saying why. Returns the relative path."""
+    def quarantine(
+        self, chunks: tuple[bytes, ...] | Path, note: dict[str, Any], suffix: str
+    ) -> str:
+        """Keep rejected bytes with a JSON note saying why. Returns the relative path.
+
+        ``chunks`` is the bytes, or a temp file of ours that holds them (moved).
+        """
         now = time.time()
         day = time.strftime("%Y%m%d", time.gmtime(now))
         stem = f"{time.strftime('%H%M%S', time.gmtime(now))}-{uuid.uuid4().hex[:12]}"
         folder = self.quarantine_root / day
         folder.mkdir(parents=True, exist_ok=True)
         data_path = folder / f"{stem}{suffix}"
-        with open(data_path, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            if self.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        if isinstance(chunks, Path):
+            self._move(chunks, data_path)
+        else:
+            with open(data_path, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
         (folder / f"{stem}.json").write_bytes(
             orjson.dumps({**note, "file": data_path.name}, option=orjson.OPT_INDENT_2)
         )
         if self.fsync:
             _fsync_dir(folder)
         return f"{day}/{data_path.name}"
+
+    def _move(self, temp: Path, target: Path) -> None:
+        """Rename a temp file to ``target``; copy it if that is another filesystem."""
+        try:
+            os.replace(temp, target)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        with open(temp, "rb") as source, open(target, "wb") as fh:
+            shutil.copyfileobj(source, fh)
+            if self.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        temp.unlink(missing_ok=True)
+
+
+def _read_log(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The batches of a journal log that have no "done" line, in order.
+
+    A line cut short by a crash (the last one) is ignored: its batch was not synced,
+    so none of its files was renamed into place.
+    """
+    batches: dict[str, list[dict[str, Any]]] = {}
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        log.warning("ignoring unreadable journal %s: %s", path.name, exc)
+        return batches
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+            if "done" in record:
+                batches.pop(str(record["done"]), None)
+            else:
+                batches[str(record["batch"])] = list(record["files"])
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            log.warning("ignoring line %d of journal %s: %s", number, path.name, exc)
+    return batches
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return function
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _syncfs(folder: Path) -> None:
+    """Flush everything pending on the filesystem holding ``folder`` (syncfs(2))."""
+    assert _SYNCFS is not None
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs: {os.strerror(code)}")
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,328 @@
+"""Datasets written to disk while their fragments arrive: the native transport's spool.
+
+A C-STORE's dataset comes as P-DATA fragments. Instead of holding them until the
+last one and then hashing and writing the whole dataset, the association hands
+each batch of fragments to a ``Spooler`` thread, which appends them to a temp
+file in the storage folder's ``.incoming`` (after the Part 10 header) and feeds
+the digest. When the last fragment arrives, only the tail is left to write (and,
+with fsync on, the file to sync): the file is ready nearly as soon as the data is.
+
+- The threads do the I/O and the hashing, which release the GIL: the second core
+  works while the event loop frames the next PDUs.
+- One dataset's jobs all go to one thread, in order; datasets are spread over the
+  threads.
+- Memory per dataset is what is queued and not yet written (``pending``); the
+  association stops reading from its socket past its limit and resumes when the
+  spool has caught up (``on_drained``).
+- The first ``HEAD_BYTES`` of the dataset are also kept in memory, for the header
+  parse; everything after them is only on disk.
+- The temp file belongs to the spool until ``finish`` hands it over as ``Spooled``
+  (the pipeline then renames it into place, quarantines it or removes it), or
+  ``discard`` removes it. A start-up clears ``.incoming`` of anything left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.storage import part10
+
+log = logging.getLogger(__name__)
+
+# Dataset bytes kept in memory for the header parse (the attributes before the pixel
+# data of a CT or MR fit in a few KB; a larger header is read back from the file).
+HEAD_BYTES = 64 * 1024
+# Empty temp files each spool thread keeps ready.
+SPARE_FILES = 2
+
+Job = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """A dataset complete on disk: ``temp`` holds the Part 10 header, then the dataset."""
+
+    temp: Path
+    header_length: int  # 0 when no Part 10 header could be built (broken UIDs)
+    size: int  # dataset bytes after the header
+    digest: str  # SHA-256 of the dataset bytes, hex
+    head: bytes  # the first dataset bytes (all of them for a small dataset)
+    synced: bool  # fsynced (with [storage] fsync on)
+    early: object = None  # what the spooler's ``inspect`` said of the head, if anything
+
+    def read_dataset(self) -> bytes:
+        """The whole dataset, read back (for a header longer than ``head``)."""
+        with open(self.temp, "rb") as fh:
+            fh.seek(self.header_length)
+            return fh.read()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.temp.unlink(missing_ok=True)
+
+
+class _Worker:
+    """One thread running spool jobs in order.
+
+    When it has nothing to do it creates the next temp files in advance
+    (``SPARE_FILES``): creating a file costs a directory update, about 20 us on a
+    quiet local disk but a millisecond on a busy one or a round trip on a NAS, and
+    at C=1 the scanner waits for everything done after its command arrives.
+    """
+
+    def __init__(self, name: str, incoming: Path) -> None:
+        self.incoming = incoming
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.spare: collections.deque[tuple[int, Path]] = collections.deque()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def create(self) -> tuple[int, Path]:
+        """A new empty temp file (on this worker's thread)."""
+        while self.spare:
+            fd, path = self.spare.popleft()
+            if os.fstat(fd).st_nlink:
+                return fd, path
+            os.close(fd)  # removed under us (someone cleared .incoming): make a new one
+        path = self.incoming / f"{uuid.uuid4().hex}.part"
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), path
+
+    def _run(self) -> None:
+        while True:
+            if len(self.spare) < SPARE_FILES and self.jobs.empty():
+                try:
+                    path = self.incoming / f"{uuid.uuid4().hex}.part"
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    self.spare.append((fd, path))
+                    continue
+                except OSError as exc:  # a full or read-only disk: jobs will say so
+                    log.debug("cannot create a spare temp file: %s", exc)
+            job = self.jobs.get()
+            if job is None:
+                break
+            try:
+                job()
+            except Exception:  # jobs record their own errors; this is a bug
+                log.exception("spool job failed")
+        while self.spare:
+            fd, path = self.spare.popleft()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
+class SpoolFile:
+    """One dataset being spooled. Methods are called on the loop's thread."""
+
+    def __init__(
+        self,
+        spooler: Spooler,
+        worker: _Worker,
+        header: Callable[[], bytes],
+        transfer_syntax: str,
+    ) -> None:
+        self._spooler = spooler
+        self._transfer_syntax = transfer_syntax
+        self._inspected = False
+        self._early: object = None
+        self._worker = worker
+        self._loop = spooler.loop
+        self.temp: Path | None = None  # set by ``_open`` on the worker's thread
+        self._fd = -1
+        self._hash = hashlib.sha256()
+        self._header_length = 0
+        self._size = 0
+        self._head: list[memoryview] = []
+        self._head_size = 0
+        self._error: OSError | None = None
+        # Bytes queued by the loop and bytes written by the thread: each side writes
+        # only its own counter, so no lock is needed to read the difference.
+        self._queued = 0
+        self._written = 0
+        self.on_drained: Callable[[], None] | None = None
+        self.low_water = 0
+        worker.jobs.put(lambda: self._open(header))
+
+    @property
+    def pending(self) -> int:
+        """Bytes handed to the spool and not yet written."""
+        return self._queued - self._written
+
+    def add(self, parts: list[memoryview]) -> None:
+        """Append fragments (views of received chunks, kept until written)."""
+        size = 0
+        for part in parts:
+            size += len(part)
+            if self._head_size < HEAD_BYTES:
+                self._head.append(part)
+                self._head_size += len(part)
+        self._queued += size
+        self._size += size
+        self._worker.jobs.put(lambda: self._write(parts, size))
+        if self._head_size >= HEAD_BYTES and not self._inspected:
+            # The header is (nearly always) here: parse it while the pixels arrive.
+            self._inspected = True
+            head = self._head_bytes()
+            self._worker.jobs.put(lambda: self._inspect(head, complete=False))
+
+    def _head_bytes(self) -> bytes:
+        head = b"".join(self._head)[:HEAD_BYTES]
+        self._head = [memoryview(head)]
+        return head
+
+    def finish(self) -> asyncio.Future[Spooled]:
+        """The dataset is complete: the future gets the file once it is written (and synced)."""
+        future: asyncio.Future[Spooled] = self._loop.create_future()
+        head = self._head_bytes()
+        self._head.clear()
+        if not self._inspected:  # a small dataset: the head is all of it
+            self._inspected = True
+            self._worker.jobs.put(lambda: self._inspect(head, complete=True))
+        self._worker.jobs.put(lambda: self._finish(future, head))
+        return future
+
+    def discard(self) -> None:
+        """The dataset will not complete (the peer left or aborted): remove the file."""
+        self._head.clear()
+        self._worker.jobs.put(self._discard)
+
+    # -- on the worker thread ----------------------------------------------------------
+
+    def _open(self, header: Callable[[], bytes]) -> None:
+        try:
+            head = header()
+        except Exception as exc:  # UIDs too broken for a file meta header: raw bytes
+            log.debug("no Part 10 header: %s", exc)
+            head = b""
+        try:
+            self._fd, self.temp = self._worker.create()
+            _write_all(self._fd, head)
+            self._header_length = len(head)
+        except OSError as exc:
+            self._error = exc
+
+    def _write(self, parts: list[memoryview], size: int) -> None:
+        try:
+            for part in parts:
+                self._hash.update(part)
+                if self._error is None:
+                    _write_all(self._fd, part)
+        except OSError as exc:
+            self._error = exc
+        finally:
+            self._written += size
+            if self.on_drained is not None and self.pending <= self.low_water:
+                callback, self.on_drained = self.on_drained, None
+                self._loop.call_soon_threadsafe(callback)
+
+    def _inspect(self, head: bytes, complete: bool) -> None:
+        inspect = self._spooler.inspect
+        if inspect is not None:
+            self._early = inspect(head, self._transfer_syntax, complete)
+
+    def _finish(self, future: asyncio.Future[Spooled], head: bytes) -> None:
+        synced = False
+        if self._error is None:
+            try:
+                if self._spooler.fsync:
+                    os.fdatasync(self._fd)
+                    synced = True
+            except OSError as exc:
+                self._error = exc
+        self._close()
+        if self._error is not None:
+            error = self._error
+            self._discard()
+            self._loop.call_soon_threadsafe(_fail, future, error)
+            return
+        assert self.temp is not None  # opened, or ``_error`` would be set
+        spooled = Spooled(
+            self.temp,
+            self._header_length,
+            self._size,
+            self._hash.hexdigest(),
+            head,
+            synced,
+            self._early,
+        )
+        self._loop.call_soon_threadsafe(_succeed, future, spooled)
+
+    def _discard(self) -> None:
+        self._close()
+        if self.temp is not None:
+            with contextlib.suppress(OSError):
+                self.temp.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _succeed(future: asyncio.Future[Spooled], spooled: Spooled) -> None:
+    if future.cancelled():
+        spooled.discard()
+    else:
+        future.set_result(spooled)
+
+
+def _fail(future: asyncio.Future[Spooled], error: OSError) -> None:
+    if not future.cancelled():
+        future.set_exception(error)
+
+
+class Spooler:
+    """The spool threads of one engine; ``open`` starts a dataset."""
+
+    def __init__(
+        self,
+        incoming: Path,
+        fsync: bool,
+        threads: int,
+        inspect: Callable[[bytes, str, bool], object] | None = None,
+    ) -> None:
+        """``inspect(head, transfer_syntax, complete)`` runs on a spool thread as soon as
+        ``HEAD_BYTES`` of a dataset (or all of a smaller one) are here; its result is
+        ``Spooled.early``."""
+        self.incoming = incoming
+        self.fsync = fsync
+        self.inspect = inspect
+        self.loop = asyncio.get_running_loop()
+        self._workers = [_Worker(f"spool-{n}", incoming) for n in range(max(1, threads))]
+        self._next = itertools.cycle(self._workers)
+
+    def open(
+        self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
+    ) -> SpoolFile:
+        def header() -> bytes:
+            return part10.header(sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
+
+        return SpoolFile(self, next(self._next), header, transfer_syntax)
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
