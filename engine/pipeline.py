@@ -59,6 +59,7 @@ class Pipeline:
             storage.sync_each,
             config.storage.write_threads,
             validate.inspect_head,
+            writeback=storage.fsync,
         )
 
     @property

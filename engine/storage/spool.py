@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -36,6 +38,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from engine.storage import part10
 
@@ -141,12 +144,19 @@ class SpoolFile:
         self._transfer_syntax = transfer_syntax
         self._inspected = False
         self._early: object = None
+        # The file is ready when the finish job and, if one was sent to another spool
+        # thread, the early parse are both done: whichever ends last answers.
+        self._outstanding = 1
+        self._lock = threading.Lock()
+        self._future: asyncio.Future[Spooled] | None = None
+        self._outcome: Spooled | OSError | None = None
         self._worker = worker
         self._loop = spooler.loop
         self.temp: Path | None = None  # set by ``_open`` on the worker's thread
         self._fd = -1
         self._hash = hashlib.sha256()
         self._header_length = 0
+        self._offset = 0  # dataset bytes written so far (worker thread)
         self._size = 0
         self._head: list[memoryview] = []
         self._head_size = 0
@@ -176,10 +186,13 @@ class SpoolFile:
         self._size += size
         self._worker.jobs.put(lambda: self._write(parts, size))
         if self._head_size >= HEAD_BYTES and not self._inspected:
-            # The header is (nearly always) here: parse it while the pixels arrive.
+            # The header is (nearly always) here: parse it on another spool thread while
+            # this one writes and hashes the pixels as they arrive.
             self._inspected = True
             head = self._head_bytes()
-            self._worker.jobs.put(lambda: self._inspect(head, complete=False))
+            with self._lock:
+                self._outstanding += 1
+            self._spooler.other(self._worker).jobs.put(lambda: self._inspect_aside(head))
 
     def _head_bytes(self) -> bytes:
         head = b"".join(self._head)[:HEAD_BYTES]
@@ -189,12 +202,13 @@ class SpoolFile:
     def finish(self) -> asyncio.Future[Spooled]:
         """The dataset is complete: the future gets the file once it is written (and synced)."""
         future: asyncio.Future[Spooled] = self._loop.create_future()
+        self._future = future
         head = self._head_bytes()
         self._head.clear()
         if not self._inspected:  # a small dataset: the head is all of it
             self._inspected = True
             self._worker.jobs.put(lambda: self._inspect(head, complete=True))
-        self._worker.jobs.put(lambda: self._finish(future, head))
+        self._worker.jobs.put(lambda: self._finish(head))
         return future
 
     def discard(self) -> None:
@@ -223,6 +237,11 @@ class SpoolFile:
                 self._hash.update(part)
                 if self._error is None:
                     _write_all(self._fd, part)
+            if self._spooler.writeback and self._error is None:
+                # Start writing these pages to the disk now, while the rest arrives: the
+                # flush before the answer then has little left to wait for.
+                _start_writeback(self._fd, self._header_length + self._offset, size)
+            self._offset += size
         except OSError as exc:
             self._error = exc
         finally:
@@ -236,7 +255,28 @@ class SpoolFile:
         if inspect is not None:
             self._early = inspect(head, self._transfer_syntax, complete)
 
-    def _finish(self, future: asyncio.Future[Spooled], head: bytes) -> None:
+    def _inspect_aside(self, head: bytes) -> None:
+        try:
+            self._inspect(head, complete=False)
+        except Exception:  # judged again when the dataset is complete
+            log.exception("early parse failed")
+        finally:
+            self._complete_one()
+
+    def _complete_one(self) -> None:
+        with self._lock:
+            self._outstanding -= 1
+            if self._outstanding:
+                return
+        future, outcome = self._future, self._outcome
+        assert future is not None and outcome is not None
+        if isinstance(outcome, OSError):
+            self._loop.call_soon_threadsafe(_fail, future, outcome)
+        else:
+            spooled = dataclasses.replace(outcome, early=self._early)
+            self._loop.call_soon_threadsafe(_succeed, future, spooled)
+
+    def _finish(self, head: bytes) -> None:
         synced = False
         if self._error is None:
             try:
@@ -247,21 +287,14 @@ class SpoolFile:
                 self._error = exc
         self._close()
         if self._error is not None:
-            error = self._error
             self._discard()
-            self._loop.call_soon_threadsafe(_fail, future, error)
-            return
-        assert self.temp is not None  # opened, or ``_error`` would be set
-        spooled = Spooled(
-            self.temp,
-            self._header_length,
-            self._size,
-            self._hash.hexdigest(),
-            head,
-            synced,
-            self._early,
-        )
-        self._loop.call_soon_threadsafe(_succeed, future, spooled)
+            self._outcome = self._error
+        else:
+            assert self.temp is not None  # opened, or ``_error`` would be set
+            self._outcome = Spooled(
+                self.temp, self._header_length, self._size, self._hash.hexdigest(), head, synced
+            )
+        self._complete_one()
 
     def _discard(self) -> None:
         self._close()
@@ -274,6 +307,26 @@ class SpoolFile:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages, do not wait (Linux)
+
+
+def _start_writeback(fd: int, offset: int, size: int) -> None:
+    if _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, offset, size, SYNC_FILE_RANGE_WRITE):
+        code = ctypes.get_errno()
+        raise OSError(code, f"sync_file_range: {os.strerror(code)}")
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -304,12 +357,16 @@ class Spooler:
         fsync: bool,
         threads: int,
         inspect: Callable[[bytes, str, bool], object] | None = None,
+        writeback: bool = False,
     ) -> None:
         """``inspect(head, transfer_syntax, complete)`` runs on a spool thread as soon as
         ``HEAD_BYTES`` of a dataset (or all of a smaller one) are here; its result is
-        ``Spooled.early``."""
+        ``Spooled.early``. ``fsync``: sync each file when it is complete. ``writeback``:
+        start writing pages to the disk as they are written (any durable setting: the
+        flush that follows, per file or per batch, then waits for less)."""
         self.incoming = incoming
         self.fsync = fsync
+        self.writeback = writeback and _SYNC_FILE_RANGE is not None
         self.inspect = inspect
         self.loop = asyncio.get_running_loop()
         self._workers = [_Worker(f"spool-{n}", incoming) for n in range(max(1, threads))]
@@ -322,6 +379,11 @@ class Spooler:
             return part10.header(sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
 
         return SpoolFile(self, next(self._next), header, transfer_syntax)
+
+    def other(self, worker: _Worker) -> _Worker:
+        """Another spool thread than ``worker`` (the same one if there is only one)."""
+        index = self._workers.index(worker)
+        return self._workers[(index + 1) % len(self._workers)]
 
     def close(self) -> None:
         for worker in self._workers:
