@@ -1,9 +1,11 @@
-"""The fast path of attribute extraction gives exactly what pydicom's way gives.
+"""The fast path of header parsing gives exactly what pydicom's way gives.
 
-``validate.fast_attributes`` reads the index's values from the raw elements, skipping
-pydicom's per-element conversion. For every dataset pydicom ships as test data, for the
-engine's own CT datasets and for hand-made edge cases, whenever the fast path answers,
-its answer equals ``validate.extract`` on the same bytes.
+``engine/elements.py`` walks the raw elements without pydicom and
+``validate.attributes_from`` reads the index's values from them, skipping pydicom's
+per-element conversion. For every dataset pydicom ships as test data, for the engine's
+own CT datasets and for hand-made edge cases, whenever the fast path answers, its
+answer equals ``validate.extract`` on pydicom's reading of the same bytes; and a cut
+or garbled dataset is never accepted by the fast path where pydicom refuses it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, generate_uid
 
+from engine import elements
+from engine.model import Rejection
 from engine.stages import validate
 from tests.helpers import ct_dataset
 
@@ -31,8 +35,16 @@ def raw_dataset(data: bytes, syntax: UID) -> Dataset:
     return read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
 
 
+def walked(data: bytes, syntax: UID) -> dict[str, object] | None:
+    found = elements.walk(data, syntax.is_implicit_VR, validate._WANTED_TAGS)
+    return None if found is None else validate.attributes_from(found.elements)
+
+
 def both(data: bytes, syntax: UID) -> tuple[dict[str, object] | None, dict[str, object]]:
     fast = validate.fast_attributes(raw_dataset(data, syntax), syntax)
+    by_walk = walked(data, syntax)
+    assert by_walk is None or fast is None or by_walk == fast
+    fast = fast if fast is not None else by_walk
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         slow = validate.extract(raw_dataset(data, syntax))
@@ -122,3 +134,43 @@ def test_unusual_values_take_pydicom_s_way() -> None:
     ds.InstanceNumber = "1.0"  # not an integer string: pydicom's IS rules
     fast, slow = both(encode(ds), UID("1.2.840.10008.1.2.1"))
     assert fast is None or fast == slow
+
+
+def test_walk_skips_sequences_of_undefined_length() -> None:
+    ds = ct_dataset(generate_uid(), generate_uid(), 3)
+    item = Dataset()
+    item.CodeValue = "T-D0050"
+    nested = Dataset()
+    nested.CodeMeaning = "deep"
+    item.ConceptCodeSequence = [nested]
+    ds.AnatomicRegionSequence = [item, item]
+    ds["AnatomicRegionSequence"].is_undefined_length = True
+    item["ConceptCodeSequence"].is_undefined_length = True
+    item.is_undefined_length_sequence_item = True
+    nested.is_undefined_length_sequence_item = True
+    data = encode(ds)
+    # Sequences and items of undefined length, with delimitation items.
+    assert b"\xfe\xff\xdd\xe0" in data
+    for implicit in (False, True):
+        syntax = UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1")
+        found = elements.walk(encode(ds, implicit), implicit, validate._WANTED_TAGS)
+        assert found is not None and found.pixel_tag == 0x7FE00010
+        fast, slow = both(encode(ds, implicit), syntax)
+        assert fast == slow
+
+
+def test_cut_or_garbled_datasets_are_left_to_pydicom() -> None:
+    ds = ct_dataset(generate_uid(), generate_uid(), 3)
+    data = encode(ds)
+    syntax = UID("1.2.840.10008.1.2.1")
+    pixels = data.index(b"\xe0\x7f\x10\x00")
+    for cut in (10, 100, pixels - 3):
+        assert elements.walk(data[:cut], False, validate._WANTED_TAGS) is None
+    with pytest.raises(Rejection, match="truncated"):
+        validate.parse_header(data[:-7], str(syntax))
+    garbled = bytearray(data)
+    vr_at = 8 + int.from_bytes(data[6:8], "little") + 4  # the second element's VR
+    garbled[vr_at : vr_at + 2] = b"\x00\x00"
+    assert elements.walk(bytes(garbled), False, validate._WANTED_TAGS) is None
+    assert elements.walk(b"", False, validate._WANTED_TAGS) is None
+    assert elements.walk(b"\x00" * 64, True, validate._WANTED_TAGS) is None

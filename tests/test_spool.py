@@ -81,7 +81,7 @@ def test_spool_writes_header_and_fragments_and_parses_the_head(tmp_path: Path, c
     assert spooled.digest == hashlib.sha256(data).hexdigest()
     early = spooled.early
     assert isinstance(early, validate.Header)
-    assert early.ds.PatientID == "PAT001"
+    assert early.attributes is not None and early.attributes["patient_id"] == "PAT001"
     early.check_size(len(data))  # complete: no complaint
     with pytest.raises(Rejection, match="truncated"):
         early.check_size(len(data) - 1)

@@ -94,8 +94,8 @@ class Framer:
     """Cuts a TCP byte stream into PDUs.
 
     Complete PDUs inside one received chunk are returned as memoryviews of that
-    (immutable bytes) chunk, no copy; only a PDU spanning chunks is buffered, in one
-    ``bytearray`` of its exact size that is handed out and never touched again.
+    (immutable bytes) chunk, no copy; a PDU spanning chunks is kept as views of them
+    and joined once, when its last byte is here.
 
     After a ``ProtocolError`` the stream has lost its framing: abort, do not feed more.
     """
@@ -108,10 +108,12 @@ class Framer:
         if max_length < 1:
             raise ValueError(f"max_length must be positive, not {max_length}")
         self.max_length = max_length
-        # The PDU in progress: its header bytes until they are all here, then a
-        # buffer of HEADER + length bytes filled up to ``_filled``.
+        # The PDU in progress: its header bytes until they are all here (``_partial``),
+        # then views of the chunks holding it, ``_filled`` of its ``_total`` bytes.
         self._partial = bytearray()
+        self._parts: list[memoryview] = []
         self._filled = 0
+        self._total = 0
         self._type = 0
 
     @property
@@ -152,11 +154,10 @@ class Framer:
         return out
 
     def _start(self, pdu_type: int, length: int, head: memoryview) -> None:
-        """Begin buffering a PDU whose header is judged and whose body is incomplete."""
-        buffer = bytearray(HEADER + length)
-        buffer[: len(head)] = head
-        self._partial = buffer
+        """Begin collecting a PDU whose header is judged and whose body is incomplete."""
+        self._parts = [head]
         self._filled = len(head)
+        self._total = HEADER + length
         self._type = pdu_type
 
     def _resume(self, view: memoryview, out: list[tuple[int, memoryview]]) -> int:
@@ -171,16 +172,19 @@ class Framer:
             pdu_type, length = _HEADER.unpack_from(self._partial)
             self._check(pdu_type, length)
             head = memoryview(bytes(self._partial))
+            self._partial = bytearray()
             self._start(pdu_type, length, head)
-        buffer = self._partial
-        take = min(len(buffer) - self._filled, len(view) - pos)
-        buffer[self._filled : self._filled + take] = view[pos : pos + take]
+        take = min(self._total - self._filled, len(view) - pos)
+        if take:
+            self._parts.append(view[pos : pos + take])
         self._filled += take
         pos += take
-        if self._filled == len(buffer):
-            out.append((self._type, memoryview(buffer)[HEADER:]))
-            self._partial = bytearray()
+        if self._filled == self._total:
+            whole = b"".join(self._parts)  # the one copy of a PDU that spanned chunks
+            out.append((self._type, memoryview(whole)[HEADER:]))
+            self._parts = []
             self._filled = 0
+            self._total = 0
             self._type = 0
         return pos
 

@@ -30,7 +30,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 
-from engine import codecs
+from engine import codecs, elements
 from engine.attributes import ALL_KEYS, INTEGER_COLUMNS
 from engine.config import IngestConfig, Transcode
 from engine.model import Outcome, Received, Rejection, Validated
@@ -118,8 +118,12 @@ def parse_header(data: bytes, transfer_syntax: str, size: int | None = None) -> 
             if partial:
                 return None  # a deflated stream is inflated whole
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
-        stream = BytesIO(data)
         total = len(data) if not partial else size if size and size > 0 else None
+        if syntax.is_little_endian and syntax != DeflatedExplicitVRLittleEndian:
+            header = _walked_header(data, syntax, total, partial)
+            if header is not None:
+                return header
+        stream = BytesIO(data)
 
         def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
             if not _stop_at_pixels(tag, vr, length):
@@ -168,6 +172,24 @@ def parse_header(data: bytes, transfer_syntax: str, size: int | None = None) -> 
         tag, at, length = pixels[0]
         return Header(ds, tag, at, length, attributes)
     return Header(ds, attributes=attributes)
+
+
+def _walked_header(data: bytes, syntax: UID, total: int | None, partial: bool) -> Header | None:
+    """The fast path of ``parse_header`` (``engine/elements.py``); None: pydicom's way."""
+    walked = elements.walk(data, syntax.is_implicit_VR, _WANTED_TAGS)
+    if walked is None or (partial and walked.pixel_tag is None):
+        return None
+    attributes = attributes_from(walked.elements)
+    if attributes is None:
+        return None
+    if walked.pixel_tag is None:
+        return Header(Dataset(), attributes=attributes)
+    header = Header(
+        Dataset(), Tag(walked.pixel_tag), walked.pixel_at, walked.pixel_length, attributes
+    )
+    if total is not None:
+        header.check_size(total)
+    return header
 
 
 def inspect_head(head: bytes, transfer_syntax: str, complete: bool) -> Header | Rejection | None:
@@ -220,6 +242,7 @@ _COLUMN_TAGS = {column: _tag(keyword) for column, keyword in ALL_KEYS.items()}
 _COLUMN_VRS = {column: dictionary_VR(tag) for column, tag in _COLUMN_TAGS.items()}
 _UID_COLUMNS = {column: keyword for column, keyword in ALL_KEYS.items() if keyword in REQUIRED_UIDS}
 _CHARSET_TAG = Tag(0x0008, 0x0005)
+_WANTED_TAGS = frozenset({*_COLUMN_TAGS.values(), _CHARSET_TAG})
 # SpecificCharacterSet (as the raw text) -> Python codec for the VRs it applies to.
 _SIMPLE_CHARSETS = {
     "": "latin-1",
@@ -236,13 +259,21 @@ def fast_attributes(ds: Dataset, syntax: UID) -> dict[str, Any] | None:
     """``extract``'s result read straight from the raw elements, or None (use ``extract``)."""
     if not syntax.is_little_endian:
         return None
-    elements = ds._dict
-    charset = elements.get(_CHARSET_TAG)
-    charset_text = ""
-    if charset is not None:
-        if not isinstance(charset, RawDataElement) or charset.value is None:
+    raw: dict[int, tuple[str | None, bytes]] = {}
+    for tag in _WANTED_TAGS:
+        element = ds._dict.get(tag)
+        if element is None:
+            continue
+        if not isinstance(element, RawDataElement):
             return None
-        charset_text = charset.value.decode("latin-1").strip(" \x00")
+        raw[tag] = (element.VR, element.value or b"")
+    return attributes_from(raw)
+
+
+def attributes_from(elements: dict[int, tuple[str | None, bytes]]) -> dict[str, Any] | None:
+    """The index's values from raw (VR, value bytes) by tag, or None (pydicom's way)."""
+    charset = elements.get(_CHARSET_TAG)
+    charset_text = charset[1].decode("latin-1").strip(" \x00") if charset is not None else ""
     encoding = _SIMPLE_CHARSETS.get(charset_text)
     if encoding is None:
         return None
@@ -252,12 +283,10 @@ def fast_attributes(ds: Dataset, syntax: UID) -> dict[str, Any] | None:
         if element is None:
             attributes[column] = None
             continue
-        if not isinstance(element, RawDataElement):
-            return None
         vr = _COLUMN_VRS[column]
-        if element.VR is not None and vr != element.VR:
+        if element[0] is not None and vr != element[0]:
             return None  # UN, or an unusual encoding: pydicom knows what to do
-        raw = element.value or b""
+        raw = element[1]
         if vr == "US":
             attributes[column] = _US.unpack_from(raw)[0] if len(raw) >= _US.size else None
             continue

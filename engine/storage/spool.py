@@ -180,8 +180,8 @@ class SpoolFile:
         for part in parts:
             size += len(part)
             if self._head_size < HEAD_BYTES:
-                self._head.append(part)
-                self._head_size += len(part)
+                self._head.append(part[: HEAD_BYTES - self._head_size])
+                self._head_size += len(self._head[-1])
         self._queued += size
         self._size += size
         self._worker.jobs.put(lambda: self._write(parts, size))
@@ -195,7 +195,7 @@ class SpoolFile:
             self._spooler.other(self._worker).jobs.put(lambda: self._inspect_aside(head))
 
     def _head_bytes(self) -> bytes:
-        head = b"".join(self._head)[:HEAD_BYTES]
+        head = b"".join(self._head)  # at most HEAD_BYTES: the parts were cut to fit
         self._head = [memoryview(head)]
         return head
 
