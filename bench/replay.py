@@ -205,12 +205,16 @@ def run_once(
     repeat: int,
     queryable_timeout: float = QUERYABLE_TIMEOUT,
 ) -> RunResult:
-    """One peer, one burst. The peer's files stay until the whole bench run ends: ext4
+    """One peer, one burst, after ``sync``. The peer's files stay until the run ends: ext4
     skips recently deleted inodes for minutes when it creates files, so deleting a
     run's 600 MB would slow the next peer's file creation (seen: 0.02 ms per create
     becoming 0.9 ms)."""
     total_bytes = sum(f.stat().st_size for f in files)
     error = ""
+    # Every peer starts with nothing of the previous peer's still to be written to the
+    # disk: otherwise a receiver that syncs pays for the hundreds of MB a rival that
+    # does not (storescp) left in the page cache just before.
+    os.sync()
     peer.start()
     try:
         with TreeSampler(peer.pid) as sampler:

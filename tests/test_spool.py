@@ -42,7 +42,7 @@ def encoded(ds: object) -> bytes:
 
 
 def spool_once(
-    incoming: Path, data: bytes, cut: int, *, discard: bool = False
+    incoming: Path, data: bytes, cut: int, *, discard: bool = False, last: int = 0
 ) -> tuple[Spooled | None, list[Path]]:
     """Feed ``data`` to a spool in pieces of ``cut`` bytes; the Spooled (or None) and the
     files left in ``incoming`` once the spooler is closed."""
@@ -52,12 +52,14 @@ def spool_once(
         try:
             spool = spooler.open(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, "SCU")
             view = memoryview(data)
-            for start in range(0, len(data), cut):
-                spool.add([view[start : start + cut]])
+            pieces = [view[start : start + cut] for start in range(0, len(data), cut)]
+            # The last ``last`` pieces go with ``finish``, as the association hands them.
+            for piece in pieces[: len(pieces) - last]:
+                spool.add([piece])
             if discard:
                 spool.discard()
                 return None
-            return await spool.finish()
+            return await spool.finish(pieces[len(pieces) - last :])
         finally:
             await asyncio.to_thread(spooler.close)
 
@@ -65,13 +67,17 @@ def spool_once(
     return result, sorted(incoming.iterdir())
 
 
-@pytest.mark.parametrize("cut", [1, 4096, 16 * 1024 + 7, 10**9])
-def test_spool_writes_header_and_fragments_and_parses_the_head(tmp_path: Path, cut: int) -> None:
+@pytest.mark.parametrize(
+    ("cut", "last"), [(1, 0), (4096, 0), (16 * 1024 + 7, 3), (10**9, 0), (10**9, 1), (4096, 50)]
+)
+def test_spool_writes_header_and_fragments_and_parses_the_head(
+    tmp_path: Path, cut: int, last: int
+) -> None:
     ds = ct_dataset(generate_uid(), generate_uid(), 1, size=256)  # 128 KB of pixels
     ds.SOPInstanceUID = "1.2.3.4"
     data = encoded(ds)
     assert len(data) > HEAD_BYTES
-    spooled, left = spool_once(tmp_path, data, cut)
+    spooled, left = spool_once(tmp_path, data, cut, last=last)
     assert spooled is not None
     head = part10.header(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, "SCU")
     assert left == [spooled.temp]

@@ -305,10 +305,8 @@ class Association(asyncio.Protocol):
                 self._data_size = 0
                 self._dispatch(command, dataset, context)
             else:
-                spool.add(self._data_parts)
-                self._data_parts = []
-                self._data_size = 0
-                self._dispatch(command, None, context, spool)
+                parts, self._data_parts, self._data_size = self._data_parts, [], 0
+                self._dispatch(command, None, context, spool, parts)
 
     def _spool_parts(self) -> None:
         """Hand the fragments of this read to the spool; pause reading if it lags."""
@@ -340,6 +338,7 @@ class Association(asyncio.Protocol):
         dataset: bytes | None,
         context: acse.AcceptedContext,
         spool: SpoolFile | None = None,
+        last_parts: list[memoryview] | None = None,
     ) -> None:
         request = Request(
             origin=self.origin,
@@ -348,7 +347,7 @@ class Association(asyncio.Protocol):
             command=command,
             dataset=dataset,
             completed_at=time.monotonic(),
-            spooled=spool.finish() if spool is not None else None,
+            spooled=spool.finish(last_parts) if spool is not None else None,
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

@@ -27,7 +27,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import dataclasses
 import hashlib
 import itertools
 import logging
@@ -131,7 +130,12 @@ class _Worker:
 
 
 class SpoolFile:
-    """One dataset being spooled. Methods are called on the loop's thread."""
+    """One dataset being spooled. Methods are called on the loop's thread.
+
+    Each hand-off wakes a spool thread, so there are few: the first ``add`` also
+    opens the file, the one that completes ``HEAD_BYTES`` also parses the header, and
+    ``finish`` takes the last fragments with it.
+    """
 
     def __init__(
         self,
@@ -141,18 +145,13 @@ class SpoolFile:
         transfer_syntax: str,
     ) -> None:
         self._spooler = spooler
-        self._transfer_syntax = transfer_syntax
-        self._inspected = False
-        self._early: object = None
-        # The file is ready when the finish job and, if one was sent to another spool
-        # thread, the early parse are both done: whichever ends last answers.
-        self._outstanding = 1
-        self._lock = threading.Lock()
-        self._future: asyncio.Future[Spooled] | None = None
-        self._outcome: Spooled | OSError | None = None
         self._worker = worker
         self._loop = spooler.loop
-        self.temp: Path | None = None  # set by ``_open`` on the worker's thread
+        self._header = header
+        self._transfer_syntax = transfer_syntax
+        self._inspected = False  # (loop) a parse of the head is queued
+        self._early: object = None
+        self.temp: Path | None = None  # set on the worker's thread when opened
         self._fd = -1
         self._hash = hashlib.sha256()
         self._header_length = 0
@@ -167,7 +166,6 @@ class SpoolFile:
         self._written = 0
         self.on_drained: Callable[[], None] | None = None
         self.low_water = 0
-        worker.jobs.put(lambda: self._open(header))
 
     @property
     def pending(self) -> int:
@@ -176,6 +174,15 @@ class SpoolFile:
 
     def add(self, parts: list[memoryview]) -> None:
         """Append fragments (views of received chunks, kept until written)."""
+        size = self._take(parts)
+        head = None
+        if self._head_size >= HEAD_BYTES and not self._inspected:
+            # The header is (nearly always) here: parse it while the pixels arrive.
+            self._inspected = True
+            head = self._head_bytes()
+        self._worker.jobs.put(lambda: self._write(parts, size, head))
+
+    def _take(self, parts: list[memoryview]) -> int:
         size = 0
         for part in parts:
             size += len(part)
@@ -184,31 +191,23 @@ class SpoolFile:
                 self._head_size += len(self._head[-1])
         self._queued += size
         self._size += size
-        self._worker.jobs.put(lambda: self._write(parts, size))
-        if self._head_size >= HEAD_BYTES and not self._inspected:
-            # The header is (nearly always) here: parse it on another spool thread while
-            # this one writes and hashes the pixels as they arrive.
-            self._inspected = True
-            head = self._head_bytes()
-            with self._lock:
-                self._outstanding += 1
-            self._spooler.other(self._worker).jobs.put(lambda: self._inspect_aside(head))
+        return size
 
     def _head_bytes(self) -> bytes:
         head = b"".join(self._head)  # at most HEAD_BYTES: the parts were cut to fit
         self._head = [memoryview(head)]
         return head
 
-    def finish(self) -> asyncio.Future[Spooled]:
-        """The dataset is complete: the future gets the file once it is written (and synced)."""
+    def finish(self, parts: list[memoryview] | None = None) -> asyncio.Future[Spooled]:
+        """The dataset is complete (``parts``: its last fragments): the future gets the
+        file once it is written (and synced)."""
+        size = self._take(parts or [])
         future: asyncio.Future[Spooled] = self._loop.create_future()
-        self._future = future
         head = self._head_bytes()
         self._head.clear()
-        if not self._inspected:  # a small dataset: the head is all of it
-            self._inspected = True
-            self._worker.jobs.put(lambda: self._inspect(head, complete=True))
-        self._worker.jobs.put(lambda: self._finish(head))
+        inspect = not self._inspected
+        self._inspected = True
+        self._worker.jobs.put(lambda: self._finish(parts or [], size, head, inspect, future))
         return future
 
     def discard(self) -> None:
@@ -218,9 +217,9 @@ class SpoolFile:
 
     # -- on the worker thread ----------------------------------------------------------
 
-    def _open(self, header: Callable[[], bytes]) -> None:
+    def _open(self) -> None:
         try:
-            head = header()
+            head = self._header()
         except Exception as exc:  # UIDs too broken for a file meta header: raw bytes
             log.debug("no Part 10 header: %s", exc)
             head = b""
@@ -231,13 +230,15 @@ class SpoolFile:
         except OSError as exc:
             self._error = exc
 
-    def _write(self, parts: list[memoryview], size: int) -> None:
+    def _write(self, parts: list[memoryview], size: int, head: bytes | None) -> None:
+        if self.temp is None and self._error is None:
+            self._open()
         try:
             for part in parts:
                 self._hash.update(part)
                 if self._error is None:
                     _write_all(self._fd, part)
-            if self._spooler.writeback and self._error is None:
+            if self._spooler.writeback and self._error is None and size:
                 # Start writing these pages to the disk now, while the rest arrives: the
                 # flush before the answer then has little left to wait for.
                 _start_writeback(self._fd, self._header_length + self._offset, size)
@@ -249,52 +250,53 @@ class SpoolFile:
             if self.on_drained is not None and self.pending <= self.low_water:
                 callback, self.on_drained = self.on_drained, None
                 self._loop.call_soon_threadsafe(callback)
+        if head is not None:
+            self._inspect(head, complete=False)
 
     def _inspect(self, head: bytes, complete: bool) -> None:
         inspect = self._spooler.inspect
-        if inspect is not None:
-            self._early = inspect(head, self._transfer_syntax, complete)
-
-    def _inspect_aside(self, head: bytes) -> None:
+        if inspect is None:
+            return
         try:
-            self._inspect(head, complete=False)
-        except Exception:  # judged again when the dataset is complete
+            self._early = inspect(head, self._transfer_syntax, complete)
+        except Exception:  # judged again, from the file, in the validate stage
             log.exception("early parse failed")
-        finally:
-            self._complete_one()
 
-    def _complete_one(self) -> None:
-        with self._lock:
-            self._outstanding -= 1
-            if self._outstanding:
-                return
-        future, outcome = self._future, self._outcome
-        assert future is not None and outcome is not None
-        if isinstance(outcome, OSError):
-            self._loop.call_soon_threadsafe(_fail, future, outcome)
-        else:
-            spooled = dataclasses.replace(outcome, early=self._early)
-            self._loop.call_soon_threadsafe(_succeed, future, spooled)
-
-    def _finish(self, head: bytes) -> None:
+    def _finish(
+        self,
+        parts: list[memoryview],
+        size: int,
+        head: bytes,
+        inspect: bool,
+        future: asyncio.Future[Spooled],
+    ) -> None:
+        self._write(parts, size, None)
+        if inspect:  # not parsed yet: the head is all of a small dataset, or its start
+            self._inspect(head, complete=len(head) == self._size)
         synced = False
-        if self._error is None:
+        if self._error is None and self._spooler.fsync:
             try:
-                if self._spooler.fsync:
-                    os.fdatasync(self._fd)
-                    synced = True
+                os.fdatasync(self._fd)
+                synced = True
             except OSError as exc:
                 self._error = exc
         self._close()
         if self._error is not None:
+            error = self._error
             self._discard()
-            self._outcome = self._error
-        else:
-            assert self.temp is not None  # opened, or ``_error`` would be set
-            self._outcome = Spooled(
-                self.temp, self._header_length, self._size, self._hash.hexdigest(), head, synced
-            )
-        self._complete_one()
+            self._loop.call_soon_threadsafe(_fail, future, error)
+            return
+        assert self.temp is not None  # opened, or ``_error`` would be set
+        spooled = Spooled(
+            self.temp,
+            self._header_length,
+            self._size,
+            self._hash.hexdigest(),
+            head,
+            synced,
+            self._early,
+        )
+        self._loop.call_soon_threadsafe(_succeed, future, spooled)
 
     def _discard(self) -> None:
         self._close()
@@ -379,11 +381,6 @@ class Spooler:
             return part10.header(sop_class_uid, sop_instance_uid, transfer_syntax, source_ae)
 
         return SpoolFile(self, next(self._next), header, transfer_syntax)
-
-    def other(self, worker: _Worker) -> _Worker:
-        """Another spool thread than ``worker`` (the same one if there is only one)."""
-        index = self._workers.index(worker)
-        return self._workers[(index + 1) % len(self._workers)]
 
     def close(self) -> None:
         for worker in self._workers:
