@@ -28,7 +28,7 @@ from bench.replay import Scenario, send
 BUCKETS = (
     ("pixel decoding (pylibjpeg)", ("pylibjpeg", "decode_payload")),
     ("header parse (pydicom)", ("parse_header", "read_dataset")),
-    ("digest (sha256)", ("hexdigest", "sha256")),
+    ("digest (BLAKE3)", ("hexdigest", "digest.py", "blake3")),
     ("index (SQLite)", ("aiosqlite", "sqlite3", "commit_batch")),
     ("file writes + fsync", ("storage/area.py", "write_batch")),
     ("Part 10 header", ("part10.py",)),

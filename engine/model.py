@@ -62,10 +62,11 @@ class Validated:
     """A received instance whose header parsed and passed the checks.
 
     ``attributes`` holds the values the index keeps, by index column name.
-    ``digest`` is the SHA-256 of the data as received: a re-sent identical
-    instance has the same digest. ``payload`` and ``payload_syntax`` are what
-    the write stage stores (the received bytes, or a transcoded copy), unless
-    ``spooled`` names the temp file that already holds them.
+    ``digest`` is the content digest of the data as received
+    (``engine/digest.py``): a re-sent identical instance has the same digest.
+    ``payload`` and ``payload_syntax`` are what the write stage stores (the
+    received bytes, or a transcoded copy), unless ``spooled`` names the temp file
+    that already holds them.
     """
 
     received: Received

@@ -5,7 +5,6 @@ acknowledged."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import multiprocessing
 import queue
@@ -24,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 
-from engine import status
+from engine import digest, status
 from engine.storage.area import StorageArea
 from tests.helpers import Engine, ct_dataset
 
@@ -47,10 +46,10 @@ def burst_datasets(senders: int, per_sender: int, size: int) -> list[list[Datase
 
 
 def received_digest(ds: Dataset) -> str:
-    """The digest the engine computes: SHA-256 of the dataset as sent on the wire."""
+    """The digest the engine computes of the dataset as sent on the wire."""
     data = encode(ds, is_implicit_vr=False, is_little_endian=True)
     assert data is not None
-    return hashlib.sha256(data).hexdigest()
+    return digest.of(data)
 
 
 @dataclass

@@ -12,7 +12,6 @@ dropped after an unclean stop.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sqlite3
 import time
 import uuid
@@ -24,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.dsutils import encode
 
+from engine import digest as content_digest
 from engine import status
 from engine.storage import part10
 from engine.storage.area import StorageArea
@@ -119,14 +119,14 @@ def test_journal_left_between_rename_and_commit_is_replayed(tmp_path: Path) -> N
     # A new instance, renamed into place, no row yet: recovery indexes it.
     fresh = ct_dataset(study_uid, series_uid, 2)
     data, file_bytes = _stored_bytes(fresh, "CRASHED")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = content_digest.of(data)
     fresh_path = StorageArea.instance_path(study_uid, str(fresh.SOPInstanceUID), digest)
     # Another copy of the first instance (other bytes): it lost to the indexed one.
     rival = ct_dataset(study_uid, series_uid, 1, seed=7)
     rival.SOPInstanceUID = first.SOPInstanceUID
     rival.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
     rival_data, rival_bytes = _stored_bytes(rival, "CRASHED")
-    rival_digest = hashlib.sha256(rival_data).hexdigest()
+    rival_digest = content_digest.of(rival_data)
     rival_path = StorageArea.instance_path(study_uid, str(first.SOPInstanceUID), rival_digest)
     assert rival_path != first_path
     # A file the journal lists but whose rename never happened.
@@ -284,7 +284,7 @@ def test_copy_replaced_by_an_overwrite_is_removed_after_a_crash(tmp_path: Path) 
     new.SOPInstanceUID = uid
     new.file_meta.MediaStorageSOPInstanceUID = uid
     data, file_bytes = _stored_bytes(new, "SCU0")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = content_digest.of(data)
     new_path = StorageArea.instance_path(study_uid, uid, digest)
     assert new_path.rsplit("/", 1)[0] == old_path.rsplit("/", 1)[0]
     (engine.storage / new_path).write_bytes(file_bytes)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from engine import status
+from engine import digest, status
 from engine.model import Rejection
 from engine.stages import validate
 from engine.storage import part10
@@ -84,7 +83,7 @@ def test_spool_writes_header_and_fragments_and_parses_the_head(
     assert spooled.temp.read_bytes() == head + data
     assert spooled.header_length == len(head)
     assert spooled.size == len(data)
-    assert spooled.digest == hashlib.sha256(data).hexdigest()
+    assert spooled.digest == digest.of(data)
     early = spooled.early
     assert isinstance(early, validate.Header)
     assert early.attributes is not None and early.attributes["patient_id"] == "PAT001"

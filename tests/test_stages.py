@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import zlib
 from pathlib import Path
@@ -20,7 +19,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from engine import status
+from engine import digest, status
 from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, Existing, decide
 from engine.errors import StorageError
@@ -88,7 +87,7 @@ def test_validate_extracts_index_keys_in_every_uncompressed_syntax(syntax: str) 
     assert v.attributes["instance_number"] == 7
     assert v.attributes["rows"] == 32
     assert v.attributes["modality"] == "CT"
-    assert v.digest == hashlib.sha256(item.data).hexdigest()
+    assert v.digest == digest.of(item.data)
     assert v.payload is item.data  # stored as received, no copy
     assert v.payload_syntax == syntax
 

@@ -12,7 +12,6 @@ them.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import struct
@@ -31,6 +30,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 
 from engine import codecs, elements
+from engine import digest as content_digest
 from engine.attributes import ALL_KEYS, INTEGER_COLUMNS
 from engine.config import IngestConfig, Transcode
 from engine.model import Outcome, Received, Rejection, Validated
@@ -390,7 +390,7 @@ def validate(received: Received) -> Validated:
         digest = spooled.digest  # hashed as it arrived
     else:
         header = parse_complete(received.data, received.transfer_syntax)
-        digest = hashlib.sha256(received.data).hexdigest()
+        digest = content_digest.of(received.data)
     attributes = header.attributes
     if attributes is not None:
         texts = {keyword: attributes[column] for column, keyword in _UID_COLUMNS.items()}

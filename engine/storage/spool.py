@@ -27,7 +27,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import hashlib
 import itertools
 import logging
 import os
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from engine import digest
 from engine.storage import part10
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Spooled:
     temp: Path
     header_length: int  # 0 when no Part 10 header could be built (broken UIDs)
     size: int  # dataset bytes after the header
-    digest: str  # SHA-256 of the dataset bytes, hex
+    digest: str  # of the dataset bytes (``engine/digest.py``)
     head: bytes  # the first dataset bytes (all of them for a small dataset)
     synced: bool  # fsynced (with [storage] fsync on)
     early: object = None  # what the spooler's ``inspect`` said of the head, if anything
@@ -153,7 +153,7 @@ class SpoolFile:
         self._early: object = None
         self.temp: Path | None = None  # set on the worker's thread when opened
         self._fd = -1
-        self._hash = hashlib.sha256()
+        self._hash = digest.hasher()
         self._header_length = 0
         self._offset = 0  # dataset bytes written so far (worker thread)
         self._size = 0

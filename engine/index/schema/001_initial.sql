@@ -63,7 +63,7 @@ CREATE TABLE instances (
     transfer_syntax         TEXT NOT NULL,     -- as stored in the file
     path                    TEXT NOT NULL,     -- relative to the storage folder
     size                    INTEGER NOT NULL,  -- bytes of the file
-    digest                  TEXT NOT NULL,     -- SHA-256 of the dataset as received
+    digest                  TEXT NOT NULL,     -- content digest of the dataset as received (engine/digest.py)
     received_at             REAL NOT NULL,
     calling_ae              TEXT,
     called_ae               TEXT,
