@@ -85,7 +85,7 @@ class StorageConfig:
     fsync: bool = True
     sync_method: SyncMethod = SyncMethod.SYNCFS
     # Threads writing incoming datasets to temp files as they arrive (native transport).
-    write_threads: int = 2
+    write_threads: int = 1
 
     @property
     def quarantine(self) -> Path:

@@ -166,6 +166,7 @@ class SpoolFile:
         self._written = 0
         self.on_drained: Callable[[], None] | None = None
         self.low_water = 0
+        spooler.active += 1
 
     @property
     def pending(self) -> int:
@@ -175,12 +176,16 @@ class SpoolFile:
     def add(self, parts: list[memoryview]) -> None:
         """Append fragments (views of received chunks, kept until written)."""
         size = self._take(parts)
+        # Start the disk writes early only for a lone dataset (a scanner waiting for
+        # each answer): with several arriving at once, the batch's one flush overlaps
+        # the others' arrival anyway, and the early starts only cost CPU.
+        writeback = self._spooler.writeback and self._spooler.active == 1
         head = None
         if self._head_size >= HEAD_BYTES and not self._inspected:
             # The header is (nearly always) here: parse it while the pixels arrive.
             self._inspected = True
             head = self._head_bytes()
-        self._worker.jobs.put(lambda: self._write(parts, size, head))
+        self._worker.jobs.put(lambda: self._write(parts, size, head, writeback))
 
     def _take(self, parts: list[memoryview]) -> int:
         size = 0
@@ -202,6 +207,7 @@ class SpoolFile:
         """The dataset is complete (``parts``: its last fragments): the future gets the
         file once it is written (and synced)."""
         size = self._take(parts or [])
+        self._spooler.active -= 1
         future: asyncio.Future[Spooled] = self._loop.create_future()
         head = self._head_bytes()
         self._head.clear()
@@ -212,6 +218,7 @@ class SpoolFile:
 
     def discard(self) -> None:
         """The dataset will not complete (the peer left or aborted): remove the file."""
+        self._spooler.active -= 1
         self._head.clear()
         self._worker.jobs.put(self._discard)
 
@@ -230,15 +237,19 @@ class SpoolFile:
         except OSError as exc:
             self._error = exc
 
-    def _write(self, parts: list[memoryview], size: int, head: bytes | None) -> None:
+    def _write(
+        self, parts: list[memoryview], size: int, head: bytes | None, writeback: bool
+    ) -> None:
         if self.temp is None and self._error is None:
             self._open()
         try:
-            for part in parts:
-                self._hash.update(part)
-                if self._error is None:
-                    _write_all(self._fd, part)
-            if self._spooler.writeback and self._error is None and size:
+            # One buffer, one hash update, one write: each call into C releases and
+            # retakes the GIL, and every retake may wait for the event loop.
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._hash.update(data)
+            if self._error is None:
+                _write_all(self._fd, data)
+            if writeback and self._error is None and size:
                 # Start writing these pages to the disk now, while the rest arrives: the
                 # flush before the answer then has little left to wait for.
                 _start_writeback(self._fd, self._header_length + self._offset, size)
@@ -270,7 +281,7 @@ class SpoolFile:
         inspect: bool,
         future: asyncio.Future[Spooled],
     ) -> None:
-        self._write(parts, size, None)
+        self._write(parts, size, None, writeback=False)
         if inspect:  # not parsed yet: the head is all of a small dataset, or its start
             self._inspect(head, complete=len(head) == self._size)
         synced = False
@@ -369,6 +380,7 @@ class Spooler:
         self.incoming = incoming
         self.fsync = fsync
         self.writeback = writeback and _SYNC_FILE_RANGE is not None
+        self.active = 0  # datasets being received (loop thread)
         self.inspect = inspect
         self.loop = asyncio.get_running_loop()
         self._workers = [_Worker(f"spool-{n}", incoming) for n in range(max(1, threads))]
