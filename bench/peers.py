@@ -155,7 +155,7 @@ class EnginePeer(Peer):
             f"fsync = {'true' if self.fsync else 'false'}\n"
             '[index]\npath = "index.sqlite"\n'
         )
-        self._spawn([sys.executable, "-m", "engine", "serve", "--config", str(config)])
+        self._spawn([sys.executable, "-m", "engine", "serve", "--config", str(config.resolve())])
         assert self.process is not None
         wait_for_port(self.port, self.process, START_TIMEOUT)
 

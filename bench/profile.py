@@ -27,13 +27,15 @@ from bench.replay import Scenario, send
 # Order matters: the most specific first.
 BUCKETS = (
     ("pixel decoding (pylibjpeg)", ("pylibjpeg", "decode_payload")),
-    ("header parse (pydicom)", ("parse_header", "read_dataset")),
-    ("digest (BLAKE3)", ("hexdigest", "digest.py", "blake3")),
-    ("index (SQLite)", ("aiosqlite", "sqlite3", "commit_batch")),
-    ("file writes + fsync", ("storage/area.py", "write_batch")),
+    ("header parse", ("parse_header", "read_dataset", "elements.py", "inspect_head")),
+    ("digest", ("hexdigest", "digest.py", "blake3", "sha256")),
+    ("index (SQLite)", ("aiosqlite", "sqlite3", "commit_batch", "sqlite.py")),
+    ("spool: writing datasets as they arrive", ("spool.py",)),
+    ("file writes, journal, renames, fsync", ("storage/area.py", "write_batch")),
     ("Part 10 header", ("part10.py",)),
     ("pynetdicom receive (DUL, PDU, DIMSE)", ("pynetdicom",)),
-    ("asyncio loop and bridge", ("asyncio", "uvloop", "receive.py", "flow.py")),
+    ("DICOM upper layer (PDUs, state machine, DIMSE)", ("engine/dicom/",)),
+    ("asyncio loop and hand-offs", ("asyncio", "uvloop", "receive.py", "flow.py")),
 )
 
 
