@@ -220,6 +220,58 @@ def test_row_whose_file_vanished_is_dropped_after_an_unclean_stop(tmp_path: Path
         engine.kill()
 
 
+def test_journal_log_left_by_a_crash_is_replayed(tmp_path: Path) -> None:
+    """The run's journal log (one JSON line per batch, "done" lines after commits) as a
+    crash leaves it: a batch not marked done is replayed, a done one is not, a line cut
+    short is ignored, and a journaled file that never reached the disk while its row was
+    committed (a crash during the batch's flush) has its row forgotten; the log goes."""
+    engine = Engine(tmp_path / "engine").start()
+    study_uid, series_uid = generate_uid(), generate_uid()
+    first, lost = ct_dataset(study_uid, series_uid, 1), ct_dataset(study_uid, series_uid, 3)
+    burst = Burst(engine, [[first, lost]]).start()
+    burst.join(WAIT)
+    assert burst.acked == {str(first.SOPInstanceUID), str(lost.SOPInstanceUID)}
+    assert engine.stop() == 0
+    rows = index_rows(engine)
+    first_path, lost_path = (rows[str(d.SOPInstanceUID)].path for d in (first, lost))
+    (engine.storage / lost_path).unlink()  # committed, but its flush never finished
+
+    fresh = ct_dataset(study_uid, series_uid, 2)
+    data, file_bytes = _stored_bytes(fresh, "CRASHED")
+    digest = content_digest.of(data)
+    fresh_path = StorageArea.instance_path(study_uid, str(fresh.SOPInstanceUID), digest)
+    (engine.storage / fresh_path).write_bytes(file_bytes)
+
+    def entry(rel: str, uid: str, dig: str) -> dict[str, object]:
+        return {"path": rel, "sop_instance_uid": uid, "digest": dig, "received_at": time.time()}
+
+    lines = [
+        {"batch": "b1", "files": [entry(fresh_path, str(fresh.SOPInstanceUID), digest)]},
+        {"batch": "b2", "files": [entry(first_path, str(first.SOPInstanceUID), "x")]},
+        {"done": "b2"},
+        {"batch": "b3", "files": [entry(lost_path, str(lost.SOPInstanceUID), "y")]},
+    ]
+    log_path = engine.storage / ".journal" / "20261127-000000-deadbeef.log"
+    body = b"".join(orjson.dumps(line) + b"\n" for line in lines)
+    log_path.write_bytes(body + b'{"batch": "b4", "fi')  # the last line, cut by the crash
+
+    log = restart(engine)
+    try:
+        assert "indexed 1 files written before an interrupted commit" in log
+        assert f"{lost_path} was indexed but its file is missing" in log
+        assert "ignoring line 5" in log
+        rows = check_store(
+            engine,
+            {str(first.SOPInstanceUID), str(fresh.SOPInstanceUID)},
+            {str(first.SOPInstanceUID): first, str(fresh.SOPInstanceUID): fresh},
+        )
+        assert set(rows) == {str(first.SOPInstanceUID), str(fresh.SOPInstanceUID)}
+        assert rows[str(first.SOPInstanceUID)].path == first_path
+        assert not log_path.exists()
+    finally:
+        engine.stop()
+
+
 def test_journaled_file_that_does_not_parse_is_quarantined(tmp_path: Path) -> None:
     """A file renamed into place whose bytes are broken (say, a power cut with fsync off)
     is not indexed and not thrown away: it goes to the quarantine with a note."""

@@ -28,6 +28,7 @@ from engine.index.sqlite import SQLiteIndex
 from engine.model import Origin, Outcome, Received, Rejection
 from engine.stages.flow import STOP, Item, Stop, take_batch
 from engine.stages.validate import validate
+from engine.storage import area as area_module
 from engine.storage.area import PendingFile, StorageArea
 from tests.helpers import ct_dataset
 
@@ -300,3 +301,35 @@ def test_index_judges_duplicates_inside_one_batch(tmp_path: Path) -> None:
             await index.close()
 
     asyncio.run(scenario())
+
+
+def test_journal_logs_rotate_and_go_once_their_batches_are_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(area_module, "JOURNAL_ROTATE_BYTES", 1)  # a new log per batch
+    area = StorageArea(tmp_path / "st", tmp_path / "q", fsync=True)
+    area.prepare(expect_existing=False)
+
+    def pending() -> list[PendingFile]:
+        rel = area.instance_path("1.2.3", generate_uid(), "ab" * 32)
+        return [PendingFile(rel, (b"x",), {"path": rel})]
+
+    def logs() -> list[str]:
+        return sorted(p.name for p in area.journal_dir.iterdir())
+
+    first = area.write_batch(pending())
+    second = area.write_batch(pending())
+    assert first is not None and second is not None
+    assert len(logs()) == 2  # the first log still has an open batch
+    area.end_journal(first)
+    assert len(logs()) == 1  # ... and goes with it
+    third = area.write_batch(pending())  # rotates: the second log's batch is still open
+    assert third is not None and len(logs()) == 2
+    area.end_journal(third)
+    area.release()  # a crash: the second batch was never committed
+    again = StorageArea(tmp_path / "st", tmp_path / "q", fsync=True)
+    left = list(again.journals())
+    assert [len(files) for _, files in left] == [1]
+    again.end_journal(left[0][0])
+    again.clear_settled_journals()
+    assert logs() == []
