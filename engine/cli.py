@@ -19,6 +19,7 @@ import uvloop
 from engine import config as config_module
 from engine.config import Config
 from engine.dicom.listener import Listener, make_listener
+from engine.dicom.qr import QueryEngine
 from engine.errors import EngineError
 from engine.index.sqlite import SQLiteIndex, stats_of
 from engine.pipeline import Pipeline
@@ -56,8 +57,9 @@ async def serve(
         await recover(storage, index, was_clean)
         pipeline = Pipeline(config, index, storage)
         async with pipeline.running():
+            query = QueryEngine(config.index.path, config.query, config.storage.path)
             listener = make_listener(
-                config.dicom, config.ingest, pipeline.receiver, pipeline.spooler
+                config.dicom, config.ingest, pipeline.receiver, pipeline.spooler, query
             )
             await listener.start()
             try:

@@ -56,6 +56,15 @@ class Transcode(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """A known DICOM node: a C-MOVE destination (and, later, who may do what)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class DicomConfig:
     ae_title: str = "ENGINE"
     transport: TransportKind = TransportKind.NATIVE
@@ -75,6 +84,8 @@ class DicomConfig:
     # up (native transport, which writes datasets to disk as they arrive); past this,
     # the engine stops reading from that peer until the writes are done.
     receive_buffer: int = 8 * 1024 * 1024
+    # Known nodes, as [[dicom.peers]] tables: ae_title, host, port.
+    peers: tuple[PeerConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +132,15 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryConfig:
+    # Most matches one C-FIND answers; past it the query ends with "out of resources"
+    # and a comment asking for a narrower query.
+    max_matches: int = 1000
+    # Person names match case-insensitively (single value and wildcards).
+    case_insensitive_names: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
 
@@ -132,6 +152,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -180,6 +201,10 @@ def _convert(hint: Any, value: Any, key: str, base: Path) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(typing.cast(type[Any], hint), value, key, base)
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list of tables ([[{key}]])")
+        return tuple(_convert(args[0], item, f"{key}[{n}]", base) for n, item in enumerate(value))
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, key, base)
@@ -232,6 +257,7 @@ def _check(config: Config) -> None:
         "pipeline.batch_max": config.pipeline.batch_max,
         "dicom.receive_buffer": config.dicom.receive_buffer,
         "storage.write_threads": config.storage.write_threads,
+        "query.max_matches": config.query.max_matches,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -240,6 +266,18 @@ def _check(config: Config) -> None:
         raise ConfigError("'dicom.maximum_pdu_size' must be 0 (unlimited) or more")
     if config.ingest.decode_workers < 0:
         raise ConfigError("'ingest.decode_workers' must be 0 (one per core) or more")
+    seen: set[str] = set()
+    for n, peer in enumerate(config.dicom.peers):
+        where = f"dicom.peers[{n}]"
+        if not 0 < len(peer.ae_title.strip()) <= AE_TITLE_MAX or not peer.ae_title.isascii():
+            raise ConfigError(f"'{where}.ae_title' must be 1-16 ASCII characters")
+        if peer.ae_title.strip() in seen:
+            raise ConfigError(f"'{where}.ae_title' {peer.ae_title!r} is declared twice")
+        seen.add(peer.ae_title.strip())
+        if not 0 < peer.port < 65536:
+            raise ConfigError(f"'{where}.port' must be between 1 and 65535, not {peer.port}")
+        if not peer.host:
+            raise ConfigError(f"'{where}.host' must not be empty")
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             f"'log.level' must be DEBUG, INFO, WARNING or ERROR, not {config.log.level!r}"

@@ -24,6 +24,21 @@ CANNOT_UNDERSTAND = 0xC000
 CANNOT_UNDERSTAND_TRANSFER_SYNTAX = 0xC001
 CANNOT_UNDERSTAND_PIXEL_DATA = 0xC002
 
+# PS3.4 C.4.1.1.4 (table C.4-1): Query/Retrieve C-FIND. 0xA700 and 0xA900 are the
+# values above, with their C-FIND meanings.
+PENDING = 0xFF00  # a match follows
+PENDING_UNSUPPORTED_KEYS = 0xFF01  # a match follows; some optional keys were not supported
+CANCEL = 0xFE00  # matching stopped by a C-CANCEL
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = DATASET_DOES_NOT_MATCH_SOP_CLASS
+# 0xC000-0xCFFF is "Unable to process"; the low bits are ours to name the reason.
+UNABLE_TO_PROCESS = 0xC000
+INVALID_MATCHING_VALUE = 0xC001  # a matching value that cannot be understood
+
+# PS3.4 C.4.2.1.5 (table C.4-2): Query/Retrieve C-MOVE (and C-GET).
+UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702  # refused: out of resources; nothing was sent
+MOVE_DESTINATION_UNKNOWN = 0xA801
+SUBOPERATIONS_WITH_FAILURES = 0xB000  # warning: one or more sub-operations failed
+
 _FOR_OUTCOME = {
     Outcome.STORED: SUCCESS,
     Outcome.ALREADY_STORED: SUCCESS,

@@ -363,20 +363,29 @@ class Association(asyncio.Protocol):
         self.server.spawn(self._serve(request, context.context_id))
 
     async def _serve(self, request: Request, context_id: int) -> None:
+        """Send each response the services give (one, or a C-FIND's matches and its end)."""
         try:
-            response = await self.server.services.handle(request)
+            async for command, dataset in self.server.services.respond(request):
+                if self.transport is None or self.state not in (State.STA6, State.STA8):
+                    return  # the peer left or aborted: nobody to answer
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "%s: answering 0x%04X %s",
+                        self._who(),
+                        request.command.command_field,
+                        request.command.affected_sop_instance_uid or request.command.message_id,
+                    )
+                pdus = pdu.encode_pdata(context_id, True, command, self.peer_max_pdu)
+                if dataset is not None:
+                    pdus += pdu.encode_pdata(context_id, False, dataset, self.peer_max_pdu)
+                self._event(Event.EVT9, pdus)
         except Exception:
             log.exception("a DIMSE service failed")  # Services answers its own errors
             return
         finally:
             self.outstanding -= 1
         if self.transport is None or self.state not in (State.STA6, State.STA8):
-            return  # the peer left or aborted: nobody to answer
-        if response is None:
             return
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: answering %s", self._who(), request.command.affected_sop_instance_uid)
-        self._event(Event.EVT9, pdu.encode_pdata(context_id, True, response, self.peer_max_pdu))
         if self.outstanding < MAX_OUTSTANDING and not self._spool_paused:
             self.transport.resume_reading()
         if self._release_pending and not self.outstanding and self.state is State.STA8:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Protocol
 
 from engine.config import DicomConfig, IngestConfig, TransportKind
+from engine.dicom.qr import QueryEngine, QueryService
 from engine.dicom.scp import StoreSCP
 from engine.dicom.server import NativeServer
 from engine.dicom.services import Services
@@ -24,8 +25,10 @@ class Listener(Protocol):
 class ThreadedListener:
     """pynetdicom's threaded server; its blocking calls run off the loop."""
 
-    def __init__(self, config: DicomConfig, receiver: Receiver) -> None:
-        self.scp = StoreSCP(config, receiver)
+    def __init__(
+        self, config: DicomConfig, receiver: Receiver, query: QueryEngine | None = None
+    ) -> None:
+        self.scp = StoreSCP(config, receiver, query)
 
     @property
     def port(self) -> int:
@@ -39,7 +42,11 @@ class ThreadedListener:
 
 
 def make_listener(
-    dicom: DicomConfig, ingest: IngestConfig, receiver: Receiver, spooler: Spooler | None = None
+    dicom: DicomConfig,
+    ingest: IngestConfig,
+    receiver: Receiver,
+    spooler: Spooler | None = None,
+    query: QueryEngine | None = None,
 ) -> Listener:
     """The listener for ``dicom.transport``. The native one writes C-STORE datasets to
     ``spooler`` as they arrive, except those the pipeline must decode (held in memory)."""
@@ -49,6 +56,7 @@ def make_listener(
             ingest.store_timeout,
             spooler,
             lambda transfer_syntax: not needs_decoding(ingest, transfer_syntax),
+            QueryService(query, dicom.peers, dicom.ae_title) if query is not None else None,
         )
         return NativeServer(dicom, services)
-    return ThreadedListener(dicom, receiver)
+    return ThreadedListener(dicom, receiver, query)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -25,6 +27,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from engine import status
 from engine.config import DicomConfig
 from engine.dicom import dimse
+from engine.dicom.qr import FIND_MODELS, MOVE_MODELS, QUERY_RETRIEVE_CLASSES, QueryEngine
+from engine.dicom.store_scu import plan_contexts
 from engine.model import Origin, Outcome, Received, Result
 from engine.stages.receive import Receiver
 
@@ -63,9 +67,12 @@ def origin_of(event: evt.Event) -> Origin:
 class StoreSCP:
     """The listening AE: one object per running engine."""
 
-    def __init__(self, config: DicomConfig, receiver: Receiver) -> None:
+    def __init__(
+        self, config: DicomConfig, receiver: Receiver, query: QueryEngine | None = None
+    ) -> None:
         self.config = config
         self.receiver = receiver
+        self.query = query
         ae = AE(ae_title=config.ae_title)
         ae.maximum_associations = config.maximum_associations
         ae.maximum_pdu_size = config.maximum_pdu_size
@@ -77,6 +84,10 @@ class StoreSCP:
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, syntaxes)
+        if query is not None:
+            for sop_class in QUERY_RETRIEVE_CLASSES:
+                ae.add_supported_context(sop_class, syntaxes)
+        self.peers = {peer.ae_title.strip(): peer for peer in config.peers}
         self.ae = ae
         self.server: Any = None
 
@@ -89,6 +100,8 @@ class StoreSCP:
             (evt.EVT_CONN_OPEN, self.handle_connection),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_FIND, self.handle_find),
+            (evt.EVT_C_MOVE, self.handle_move),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ABORTED, self.handle_aborted),
@@ -147,6 +160,64 @@ class StoreSCP:
             log.exception("C-STORE handler failed")
             result = Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}")
         return response(result)
+
+    def handle_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """pynetdicom's C-FIND handler: (status, identifier) per match, then the end."""
+        model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID))
+        if self.query is None or model is None:
+            yield status.DATASET_DOES_NOT_MATCH_SOP_CLASS, None
+            return
+        try:
+            identifier = event.identifier
+        except Exception as exc:
+            log.warning("C-FIND identifier does not parse: %s", exc)
+            yield status.DATASET_DOES_NOT_MATCH_SOP_CLASS, None
+            return
+        found = self.query.search(model, identifier)
+        for match in found.matches:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            yield found.pending, match
+        if found.comment:
+            final = Dataset()
+            final.Status = found.status
+            final.ErrorComment = found.comment[: dimse.ERROR_COMMENT_MAX]
+            yield final, None
+        else:
+            yield found.status, None
+
+    def handle_move(self, event: evt.Event) -> Iterator[Any]:
+        """pynetdicom's C-MOVE handler: the destination, the number of sub-operations,
+        then (status, dataset) per instance; pynetdicom performs the C-STOREs.
+
+        An identifier that selects nothing usable is answered by pynetdicom's own
+        "unable to process" status (it allows no other before the destination).
+        """
+        model = MOVE_MODELS.get(str(event.request.AffectedSOPClassUID))
+        peer = self.peers.get(str(event.move_destination or "").strip())
+        if self.query is None or model is None or peer is None:
+            log.warning("C-MOVE to unknown destination %r refused", event.move_destination)
+            yield None, None  # pynetdicom answers 0xA801
+            return
+        instances = self.query.instances(model, event.identifier)
+        contexts = [
+            build_context(sop_class, syntax) for sop_class, syntax in plan_contexts(instances)
+        ]
+        log.info("C-MOVE: %d instances to %s", len(instances), peer.ae_title)
+        yield peer.host, peer.port, {"contexts": contexts}
+        yield len(instances)
+        for instance in instances:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            try:
+                yield status.PENDING, dcmread(instance.path)
+            except OSError as exc:
+                log.error("C-MOVE: cannot read %s: %s", instance.path, exc)
+                failed = Dataset()
+                failed.SOPInstanceUID = instance.sop_instance_uid
+                yield status.UNABLE_TO_PERFORM_SUBOPERATIONS, failed
 
     def handle_accepted(self, event: evt.Event) -> None:
         o = origin_of(event)

@@ -19,6 +19,7 @@ from pydicom.uid import AllTransferSyntaxes
 from engine.config import DicomConfig
 from engine.dicom import acse
 from engine.dicom.association import Association
+from engine.dicom.qr import QUERY_RETRIEVE_CLASSES
 from engine.dicom.services import Services
 from engine.storage.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -40,7 +41,10 @@ class NativeServer:
             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version_name=IMPLEMENTATION_VERSION_NAME,
             transfer_syntaxes=frozenset(str(uid) for uid in AllTransferSyntaxes),
-            accepts_abstract=acse.storage_like,
+            accepts_abstract=lambda uid: (
+                acse.storage_like(uid)
+                or (services.query is not None and uid in QUERY_RETRIEVE_CLASSES)
+            ),
         )
         self.max_pdu_body = config.maximum_pdu_size or UNLIMITED_PDU_BODY
         self.acse_timeout = config.acse_timeout

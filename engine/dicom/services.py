@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine import status
 from engine.dicom import dimse
@@ -20,6 +21,9 @@ from engine.model import Origin, Outcome, Received, Result
 from engine.stages.receive import Receiver
 from engine.storage.area import is_out_of_space
 from engine.storage.spool import Spooled, Spooler, SpoolFile
+
+if TYPE_CHECKING:
+    from engine.dicom.qr import QueryService
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +49,16 @@ class Services:
         store_timeout: float,
         spooler: Spooler | None = None,
         spools: Callable[[str], bool] = lambda transfer_syntax: False,
+        query: QueryService | None = None,
     ) -> None:
         """``spools`` says whether a C-STORE dataset in this syntax goes to ``spooler``
-        as it arrives (not when the pipeline must decode its pixels)."""
+        as it arrives (not when the pipeline must decode its pixels). ``query`` answers
+        C-FIND and C-CANCEL."""
         self.receiver = receiver
         self.store_timeout = store_timeout
         self.spooler = spooler
         self.spools = spools
+        self.query = query
 
     def open_spool(
         self, origin: Origin, command: dimse.Command, abstract_syntax: str, transfer_syntax: str
@@ -70,6 +77,24 @@ class Services:
             transfer_syntax,
             origin.calling_ae,
         )
+
+    async def respond(self, request: Request) -> AsyncIterator[tuple[bytes, bytes | None]]:
+        """Every response to ``request``: (command set, dataset or None), in order."""
+        field = request.command.command_field
+        if self.query is not None and field == CommandField.C_FIND_RQ:
+            async for message in self.query.find(request):
+                yield message
+            return
+        if self.query is not None and field == CommandField.C_MOVE_RQ:
+            async for message in self.query.move(request):
+                yield message
+            return
+        if self.query is not None and field == CommandField.C_CANCEL_RQ:
+            self.query.cancel(request)
+            return
+        response = await self.handle(request)
+        if response is not None:
+            yield response, None
 
     async def handle(self, request: Request) -> bytes | None:
         """The encoded response command set (none carries a dataset yet), or None.

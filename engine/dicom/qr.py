@@ -1,0 +1,357 @@
+"""Query/retrieve services answered from the index: C-FIND and C-MOVE (C-GET to come).
+
+``QueryEngine.search`` is plain blocking code over a read-only SQLite connection (the
+matching itself is ``engine/query/``); it runs in a worker thread. The native transport
+uses it through ``QueryService`` (responses as encoded messages, C-CANCEL between
+matches); the pynetdicom adapter calls ``search`` from its C-FIND handler. Neither the
+matching nor the statuses depend on the transport.
+
+A C-MOVE selects the instances named by the identifier's unique keys
+(``QueryEngine.instances``) and sends them with a C-STORE SCU (``store_scu.py``, in a
+worker thread) to a destination declared in ``[[dicom.peers]]``; pending responses
+carry the counts as the sub-operations end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from engine import status
+from engine.config import PeerConfig, QueryConfig
+from engine.dicom import dimse
+from engine.dicom.dimse import CommandField
+from engine.dicom.services import Request
+from engine.dicom.store_scu import Destination, Instance, Progress, send
+from engine.query.find import Model, QueryError, plan, run
+
+log = logging.getLogger(__name__)
+
+# The C-FIND SOP classes of the two information models (PS3.4 C.6.1 and C.6.2).
+PATIENT_ROOT_FIND = str(PatientRootQueryRetrieveInformationModelFind)
+STUDY_ROOT_FIND = str(StudyRootQueryRetrieveInformationModelFind)
+FIND_MODELS = {PATIENT_ROOT_FIND: Model.PATIENT_ROOT, STUDY_ROOT_FIND: Model.STUDY_ROOT}
+MOVE_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): Model.PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelMove): Model.STUDY_ROOT,
+}
+QUERY_RETRIEVE_CLASSES = frozenset(FIND_MODELS) | frozenset(MOVE_MODELS)
+
+# The unique key of each level, and the index column it selects instances by.
+_UNIQUE_KEYS = {
+    "PATIENT": ("PatientID", "s.patient_id"),
+    "STUDY": ("StudyInstanceUID", "i.study_uid"),
+    "SERIES": ("SeriesInstanceUID", "i.series_uid"),
+    "IMAGE": ("SOPInstanceUID", "i.sop_instance_uid"),
+}
+# SQLite's default limit on host parameters is far above this; a longer list is refused.
+MAX_KEYS = 1000
+
+
+@dataclass
+class Found:
+    """What one C-FIND gives: the matches (each answered ``pending``), then the final
+    status and its comment."""
+
+    matches: list[Dataset] = field(default_factory=list)
+    pending: int = status.PENDING
+    status: int = status.SUCCESS
+    comment: str | None = None
+
+
+class QueryEngine:
+    """Blocking queries over the index (one short-lived read-only connection each)."""
+
+    def __init__(self, index_path: Path, config: QueryConfig, storage_root: Path) -> None:
+        self.index_path = index_path
+        self.config = config
+        self.storage_root = storage_root
+
+    def instances(self, model: Model, identifier: Dataset) -> list[Instance]:
+        """The stored instances a C-MOVE identifier names, in study/series/number order.
+
+        Raises ``QueryError``: the level must be one of the model's and its unique key
+        present (one UID, or a list).
+        """
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip()
+        if level not in _UNIQUE_KEYS or (level == "PATIENT" and model is Model.STUDY_ROOT):
+            raise QueryError(
+                status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                f"QueryRetrieveLevel {level!r} is not one of this model's",
+            )
+        keyword, column = _UNIQUE_KEYS[level]
+        value = identifier.get(keyword)
+        values = [str(v).strip() for v in (value if isinstance(value, list) else [value])]
+        values = [v for v in values if v and v != "None"]
+        if not values:
+            raise QueryError(
+                status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                f"a {level} level C-MOVE needs {keyword}",
+            )
+        if len(values) > MAX_KEYS:
+            raise QueryError(status.UNABLE_TO_PROCESS, f"more than {MAX_KEYS} {keyword} values")
+        marks = ",".join("?" * len(values))
+        sql = (
+            "SELECT i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax, i.path"
+            " FROM instances i JOIN studies s ON s.study_uid = i.study_uid"
+            f" WHERE {column} IN ({marks})"
+            " ORDER BY s.study_date, i.study_uid, i.series_uid, i.instance_number,"
+            " i.sop_instance_uid"
+        )
+        uri = f"file:{self.index_path}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+            rows = db.execute(sql, values).fetchall()
+        return [
+            Instance(uid, sop_class, syntax, self.storage_root / path)
+            for uid, sop_class, syntax, path in rows
+        ]
+
+    def search(self, model: Model, identifier: Dataset) -> Found:
+        try:
+            query = plan(model, identifier, fuzzy_names=self.config.case_insensitive_names)
+        except QueryError as exc:
+            log.warning("C-FIND refused: %s", exc.message)
+            return Found(status=exc.status, comment=exc.message)
+        found = Found(pending=query.pending_status)
+        limit = self.config.max_matches
+        uri = f"file:{self.index_path}?mode=ro"
+        try:
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+                matches = run(db, query, limit)
+                found.matches.extend(matches)
+                if matches.limit_hit:
+                    found.status = status.OUT_OF_RESOURCES
+                    found.comment = f"more than {limit} matches; narrow the query"
+                    log.warning("C-FIND stopped at %d matches (query.max_matches)", limit)
+        except sqlite3.Error as exc:
+            log.error("C-FIND failed on the index: %s", exc)
+            return Found(status=status.UNABLE_TO_PROCESS, comment=f"index error: {exc}")
+        return found
+
+
+def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
+    syntax = UID(transfer_syntax)
+    return read_dataset(
+        BytesIO(data),
+        is_implicit_VR=syntax.is_implicit_VR,
+        is_little_endian=syntax.is_little_endian,
+    )
+
+
+def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
+    syntax = UID(transfer_syntax)
+    data = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian)
+    if data is None:
+        raise ValueError("the identifier cannot be encoded")
+    return data
+
+
+class QueryService:
+    """C-FIND, C-MOVE and C-CANCEL for the native transport."""
+
+    def __init__(
+        self, engine: QueryEngine, peers: tuple[PeerConfig, ...] = (), ae_title: str = ""
+    ) -> None:
+        self.engine = engine
+        self.peers = {peer.ae_title.strip(): peer for peer in peers}
+        self.ae_title = ae_title
+        # (peer address, peer port, message ID) of the requests being answered -> cancelled
+        self._running: dict[tuple[str, int, int], bool] = {}
+
+    def cancel(self, request: Request) -> None:
+        origin, message_id = request.origin, request.command.message_id_being_responded_to
+        key = (origin.peer_ip, origin.peer_port, message_id or 0)
+        if key in self._running:
+            self._running[key] = True
+            log.info("C-FIND %d of %s cancelled", message_id, origin.calling_ae)
+
+    async def find(self, request: Request) -> AsyncIterator[tuple[bytes, bytes | None]]:
+        command = request.command
+        message_id = command.message_id or 0
+        sop_class = command.affected_sop_class_uid or request.abstract_syntax
+        model = FIND_MODELS.get(sop_class)
+
+        def final(code: int, comment: str | None = None) -> tuple[bytes, None]:
+            return (
+                dimse.encode_response(
+                    CommandField.C_FIND_RSP,
+                    message_id,
+                    code,
+                    affected_sop_class_uid=sop_class,
+                    error_comment=comment,
+                ),
+                None,
+            )
+
+        if model is None:
+            yield final(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"not a C-FIND class: {sop_class}")
+            return
+        if request.dataset is None:
+            yield final(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "C-FIND without an identifier")
+            return
+        try:
+            identifier = decode_identifier(request.dataset, request.transfer_syntax)
+        except Exception as exc:
+            log.warning(
+                "C-FIND identifier from %s does not parse: %s", request.origin.calling_ae, exc
+            )
+            yield final(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"identifier does not parse: {exc}"
+            )
+            return
+        key = (request.origin.peer_ip, request.origin.peer_port, message_id)
+        self._running[key] = False
+        try:
+            found = await asyncio.to_thread(self.engine.search, model, identifier)
+            log.info(
+                "C-FIND from %s at %s level: %d matches",
+                request.origin.calling_ae,
+                identifier.get("QueryRetrieveLevel", "?"),
+                len(found.matches),
+            )
+            pending = dimse.encode_response(
+                CommandField.C_FIND_RSP,
+                message_id,
+                found.pending,
+                affected_sop_class_uid=sop_class,
+                has_dataset=True,
+            )
+            for match in found.matches:
+                await asyncio.sleep(0)  # a C-CANCEL in the meantime is seen here
+                if self._running[key]:
+                    yield final(status.CANCEL)
+                    return
+                yield pending, encode_identifier(match, request.transfer_syntax)
+            yield final(found.status, found.comment)
+        finally:
+            del self._running[key]
+
+    async def move(self, request: Request) -> AsyncIterator[tuple[bytes, bytes | None]]:
+        """A C-MOVE: pending responses with the counts, then the final one."""
+        command = request.command
+        message_id = command.message_id or 0
+        sop_class = command.affected_sop_class_uid or request.abstract_syntax
+        model = MOVE_MODELS.get(sop_class)
+        origin = request.origin
+
+        def response(code: int, progress: Progress | None, comment: str | None = None) -> bytes:
+            counts: dict[str, int | None] = {}
+            if progress is not None:
+                counts = {
+                    "remaining": progress.remaining if code == status.PENDING else None,
+                    "completed": progress.completed,
+                    "failed": progress.failed,
+                    "warning": progress.warning,
+                }
+            return dimse.encode_response(
+                CommandField.C_MOVE_RSP,
+                message_id,
+                code,
+                affected_sop_class_uid=sop_class,
+                error_comment=comment,
+                has_dataset=bool(progress and progress.failed_uids and code != status.PENDING),
+                **counts,  # type: ignore[arg-type]
+            )
+
+        peer = self.peers.get((command.move_destination or "").strip())
+        if model is None or request.dataset is None:
+            yield response(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None, "not a C-MOVE"), None
+            return
+        if peer is None:
+            log.warning(
+                "C-MOVE from %s to unknown destination %r refused",
+                origin.calling_ae,
+                command.move_destination,
+            )
+            comment = f"unknown destination {command.move_destination!r}; see [[dicom.peers]]"
+            yield response(status.MOVE_DESTINATION_UNKNOWN, None, comment), None
+            return
+        try:
+            identifier = decode_identifier(request.dataset, request.transfer_syntax)
+            instances = await asyncio.to_thread(self.engine.instances, model, identifier)
+        except QueryError as exc:
+            yield response(exc.status, None, exc.message), None
+            return
+        except Exception as exc:
+            log.warning("C-MOVE identifier from %s unusable: %s", origin.calling_ae, exc)
+            yield response(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None, str(exc)), None
+            return
+        log.info(
+            "C-MOVE from %s: %d instances to %s (%s:%d)",
+            origin.calling_ae,
+            len(instances),
+            peer.ae_title,
+            peer.host,
+            peer.port,
+        )
+        key = (origin.peer_ip, origin.peer_port, message_id)
+        self._running[key] = False
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[Progress] = asyncio.Queue()
+
+        def progressed(progress: Progress) -> None:
+            snapshot = Progress(
+                progress.remaining,
+                progress.completed,
+                progress.failed,
+                progress.warning,
+                list(progress.failed_uids),
+            )
+            loop.call_soon_threadsafe(updates.put_nowait, snapshot)
+
+        try:
+            job = asyncio.ensure_future(
+                asyncio.to_thread(
+                    send,
+                    Destination(peer.ae_title, peer.host, peer.port),
+                    instances,
+                    calling_ae=self.ae_title,
+                    move_originator_ae=origin.calling_ae,
+                    move_originator_message_id=message_id,
+                    on_progress=progressed,
+                    cancelled=lambda: self._running.get(key, True),
+                )
+            )
+            while not job.done() or not updates.empty():
+                waiter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({job, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    waiter.cancel()
+                    continue
+                progress = waiter.result()
+                if progress.remaining:
+                    yield response(status.PENDING, progress), None
+            final = await job
+        finally:
+            cancelled = self._running.pop(key, False)
+        if cancelled:
+            code = status.CANCEL
+        elif not final.failed and not final.warning:
+            code = status.SUCCESS
+        elif final.completed or final.warning:
+            code = status.SUBOPERATIONS_WITH_FAILURES
+        else:
+            code = status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        dataset = None
+        if final.failed_uids:
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = final.failed_uids
+            dataset = encode_identifier(failed, request.transfer_syntax)
+        yield response(code, final), dataset

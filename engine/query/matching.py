@@ -1,0 +1,136 @@
+"""SQL conditions for the matching types of PS3.4 C.2.2.2, one key at a time.
+
+Values come in as text; each condition is SQL with ``?`` parameters, never with
+values in it. Several values for one key (a backslash-separated list) match when
+any of them does: PS3.4 defines that for UIDs (list of UID matching) and for
+ModalitiesInStudy; it is extended to every key, as most archives do.
+
+Wildcards use SQLite's GLOB, which is case-sensitive like DICOM matching and,
+with a literal prefix, can use an index. GLOB has no escape character: ``[`` and
+``]`` are written as the one-character classes ``[[]`` and ``[]]``.
+
+Case-insensitive person names compare ``lower()`` values; SQLite's built-in
+``lower()`` folds ASCII letters only, so the value is folded the same way here
+(``É`` and ``é`` stay different). Names without ``=`` also match the first
+component group of a stored name (``Yamada^Tarou`` matches
+``Yamada^Tarou=山田^太郎``): the stored value is the whole decoded name.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from engine.query import ranges
+from engine.query.keys import Matching
+from engine.query.ranges import BadValue
+
+WILDCARDS = ("*", "?")
+UNIVERSAL = "*"
+GROUP_SEPARATOR = "="
+# The character after "=" (ASCII 0x3D): "name=" <= value < "name>" is "starts with name=".
+_AFTER_GROUP_SEPARATOR = ">"
+# SQLite's default limit on host parameters is 32766; a longer list is refused.
+MAX_VALUES = 1000
+
+_GLOB_ESCAPES = str.maketrans({"[": "[[]", "]": "[]]"})
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    sql: str
+    params: tuple[object, ...]
+
+
+def is_universal(values: list[str]) -> bool:
+    """Universal matching: no value, or ``*`` (PS3.4 C.2.2.2.3, C.2.2.2.4)."""
+    return not values or UNIVERSAL in values
+
+
+def has_wildcard(value: str) -> bool:
+    return any(w in value for w in WILDCARDS)
+
+
+def glob(value: str) -> str:
+    """A DICOM wildcard value as a GLOB pattern: ``*`` and ``?`` mean the same."""
+    return value.translate(_GLOB_ESCAPES)
+
+
+def condition(matching: Matching, expr: str, values: list[str], *, fuzzy: bool) -> Condition:
+    """The condition on the SQL expression ``expr`` for a key's non-universal ``values``.
+
+    Raises BadValue for a value that cannot be matched as its VR requires.
+    """
+    if len(values) > MAX_VALUES:
+        raise BadValue(f"{len(values)} values; at most {MAX_VALUES} are supported")
+    if matching is Matching.UID:
+        return _uids(expr, values)
+    if matching is Matching.RETURN_ONLY:
+        raise ValueError("a return key is not matched")
+    parts = [_one(matching, expr, value, fuzzy) for value in values]
+    if len(parts) == 1:
+        return parts[0]
+    return Condition(
+        "(" + " OR ".join(p.sql for p in parts) + ")",
+        tuple(param for p in parts for param in p.params),
+    )
+
+
+def _one(matching: Matching, expr: str, value: str, fuzzy: bool) -> Condition:
+    if matching is Matching.NAME:
+        return _name(expr, value, fuzzy)
+    if matching is Matching.TEXT:
+        if has_wildcard(value):
+            return Condition(f"{expr} GLOB ?", (glob(value),))
+        return Condition(f"{expr} = ?", (value,))
+    if has_wildcard(value):
+        raise BadValue(f"{value!r}: wildcards are for text values only")
+    if matching is Matching.INTEGER:
+        try:
+            return Condition(f"{expr} = ?", (int(value),))
+        except ValueError:
+            raise BadValue(f"{value!r} is not an integer") from None
+    vr = _DATE_VRS[matching]
+    if not ranges.is_range(value):
+        return Condition(f"{expr} = ?", (ranges.normalise(vr, value),))
+    low, high = ranges.bounds(vr, value)
+    if low is None:
+        return Condition(f"{expr} <= ?", (high,))
+    if high is None:
+        return Condition(f"{expr} >= ?", (low,))
+    return Condition(f"{expr} BETWEEN ? AND ?", (low, high))
+
+
+_DATE_VRS = {Matching.DATE: "DA", Matching.TIME: "TM", Matching.DATETIME: "DT"}
+
+
+def _uids(expr: str, values: list[str]) -> Condition:
+    for value in values:
+        if has_wildcard(value):
+            raise BadValue(f"{value!r}: wildcards are not allowed in UIDs (PS3.4 C.2.2.2.4)")
+    unique = list(dict.fromkeys(values))
+    if len(unique) == 1:
+        return Condition(f"{expr} = ?", (unique[0],))
+    marks = ", ".join("?" for _ in unique)
+    return Condition(f"{expr} IN ({marks})", tuple(unique))
+
+
+def _name(expr: str, value: str, fuzzy: bool) -> Condition:
+    if fuzzy:
+        expr, value = f"lower({expr})", value.translate(_ASCII_LOWER)
+    groups = GROUP_SEPARATOR not in value  # also match the first component group
+    if has_wildcard(value):
+        pattern = glob(value)
+        if groups:
+            return Condition(
+                f"({expr} GLOB ? OR {expr} GLOB ?)", (pattern, f"{pattern}{GROUP_SEPARATOR}*")
+            )
+        return Condition(f"{expr} GLOB ?", (pattern,))
+    if groups:
+        # A range on the text, not a GLOB, so that the patients_name index serves it.
+        return Condition(
+            f"({expr} = ? OR ({expr} >= ? AND {expr} < ?))",
+            (value, value + GROUP_SEPARATOR, value + _AFTER_GROUP_SEPARATOR),
+        )
+    return Condition(f"{expr} = ?", (value,))

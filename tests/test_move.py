@@ -1,0 +1,221 @@
+"""C-MOVE against a running engine: dcmtk ``movescu`` and pynetdicom as the requestor,
+a dcmtk ``storescp`` (started here) or a pynetdicom SCP as the destination.
+
+The destination is declared in ``[[dicom.peers]]``; what arrives there must be the
+datasets that were stored, and the responses carry the sub-operation counts.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from engine import status
+from tests.helpers import TRANSPORT, Engine, ct_dataset, dcmtk_env, free_port, send_datasets
+
+WAIT = 30.0
+
+
+def wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.fixture(scope="module")
+def destination(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A dcmtk storescp, AE DEST, writing what it receives to a folder."""
+    folder = tmp_path_factory.mktemp("dest")
+    port = free_port()
+    process = subprocess.Popen(
+        ["storescp", "-aet", "DEST", "-od", str(folder), str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield port, folder
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(WAIT)
+
+
+@pytest.fixture(scope="module")
+def engine(
+    tmp_path_factory: pytest.TempPathFactory, destination: tuple[int, Path]
+) -> Iterator[tuple[Engine, list[list[Dataset]]]]:
+    port, _ = destination
+    down = free_port()  # declared, but nothing listens there
+    peers = f"""
+[[dicom.peers]]
+ae_title = "DEST"
+host = "127.0.0.1"
+port = {port}
+
+[[dicom.peers]]
+ae_title = "DOWN"
+host = "127.0.0.1"
+port = {down}
+"""
+    engine = Engine(tmp_path_factory.mktemp("move"))
+    assert engine.config_path is not None
+    engine.config_path.write_text(engine.config_path.read_text() + peers)
+    engine.start()
+    studies = []
+    for n in range(2):
+        study_uid, series_uid = generate_uid(), generate_uid()
+        studies.append(
+            [ct_dataset(study_uid, series_uid, i, patient_id=f"M{n}") for i in range(1, 4)]
+        )
+    try:
+        for datasets in studies:
+            assert {code for _, code in send_datasets(engine, datasets)} == {status.SUCCESS}
+        yield engine, studies
+    finally:
+        engine.stop()
+
+
+def received(folder: Path, uids: set[str]) -> dict[str, Dataset]:
+    """The datasets of ``uids`` that arrived in ``folder`` (storescp names files by UID)."""
+    found = {}
+    for path in folder.iterdir():
+        ds = dcmread(path)
+        if str(ds.SOPInstanceUID) in uids:
+            found[str(ds.SOPInstanceUID)] = ds
+    return found
+
+
+def test_movescu_sends_a_study_to_storescp(
+    engine: tuple[Engine, list[list[Dataset]]], destination: tuple[int, Path]
+) -> None:
+    eng, studies = engine
+    _, folder = destination
+    study = studies[0]
+    run = subprocess.run(
+        [
+            "movescu", "-S", "-aet", "MOVESCU", "-aec", eng.ae_title, "-aem", "DEST",
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study[0].StudyInstanceUID}",
+            "127.0.0.1", str(eng.port),
+        ],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    uids = {str(ds.SOPInstanceUID) for ds in study}
+    deadline = time.monotonic() + WAIT
+    while len(arrived := received(folder, uids)) < len(uids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(arrived) == uids
+    for ds in study:
+        copy = arrived[str(ds.SOPInstanceUID)]
+        del copy.file_meta
+        assert copy == ds, "the dataset that arrived differs from the one stored"
+
+
+def pynetdicom_move(
+    eng: Engine, identifier: Dataset, destination: str, model: str
+) -> list[Dataset]:
+    """Every C-MOVE response (status datasets), the final one last."""
+    ae = AE(ae_title="MOVESCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(model, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", eng.port, ae_title=eng.ae_title)
+    assert assoc.is_established
+    responses = []
+    try:
+        for rsp, _ in assoc.send_c_move(identifier, destination, model):
+            assert rsp is not None and "Status" in rsp
+            responses.append(rsp)
+    finally:
+        assoc.release()
+    return responses
+
+
+def series_identifier(ds: Dataset) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID = ds.StudyInstanceUID
+    identifier.SeriesInstanceUID = ds.SeriesInstanceUID
+    return identifier
+
+
+def test_pynetdicom_move_reports_the_sub_operations(
+    engine: tuple[Engine, list[list[Dataset]]], destination: tuple[int, Path]
+) -> None:
+    eng, studies = engine
+    _, folder = destination
+    study = studies[1]
+    responses = pynetdicom_move(
+        eng, series_identifier(study[0]), "DEST", StudyRootQueryRetrieveInformationModelMove
+    )
+    final = responses[-1]
+    assert final.Status == status.SUCCESS
+    assert final.NumberOfCompletedSuboperations == 3
+    assert final.NumberOfFailedSuboperations == 0
+    pending = [r for r in responses[:-1] if r.Status == status.PENDING]
+    assert pending, "no pending response"
+    assert all(r.NumberOfRemainingSuboperations < 3 for r in pending)
+    assert set(received(folder, {str(d.SOPInstanceUID) for d in study})) == {
+        str(d.SOPInstanceUID) for d in study
+    }
+
+
+def test_patient_root_move_of_one_image(
+    engine: tuple[Engine, list[list[Dataset]]], destination: tuple[int, Path]
+) -> None:
+    eng, studies = engine
+    image = studies[1][2]
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.PatientID = image.PatientID
+    identifier.StudyInstanceUID = image.StudyInstanceUID
+    identifier.SeriesInstanceUID = image.SeriesInstanceUID
+    identifier.SOPInstanceUID = image.SOPInstanceUID
+    responses = pynetdicom_move(
+        eng, identifier, "DEST", PatientRootQueryRetrieveInformationModelMove
+    )
+    assert responses[-1].Status == status.SUCCESS
+    assert responses[-1].NumberOfCompletedSuboperations == 1
+
+
+def test_an_unknown_destination_is_refused(engine: tuple[Engine, list[list[Dataset]]]) -> None:
+    eng, studies = engine
+    responses = pynetdicom_move(
+        eng, series_identifier(studies[0][0]), "NOPE", StudyRootQueryRetrieveInformationModelMove
+    )
+    assert [int(r.Status) for r in responses] == [status.MOVE_DESTINATION_UNKNOWN]
+
+
+def test_a_destination_that_is_down_fails_every_sub_operation(
+    engine: tuple[Engine, list[list[Dataset]]],
+) -> None:
+    eng, studies = engine
+    responses = pynetdicom_move(
+        eng, series_identifier(studies[0][0]), "DOWN", StudyRootQueryRetrieveInformationModelMove
+    )
+    final = responses[-1]
+    if TRANSPORT == "pynetdicom":
+        # pynetdicom's C-MOVE SCP answers "destination unknown" when it cannot associate.
+        assert final.Status == status.MOVE_DESTINATION_UNKNOWN
+    else:
+        assert final.Status == status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        assert final.NumberOfFailedSuboperations == 3
+        assert final.NumberOfCompletedSuboperations == 0
