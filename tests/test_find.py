@@ -296,3 +296,39 @@ def test_a_cancelled_find_leaves_the_association_usable(
         assert [int(rsp.Status) for rsp, _ in again] == [status.PENDING] * 3 + [status.SUCCESS]
     finally:
         assoc.release()
+
+
+# Japanese names (PS3.5 annex H): alphabetic, ideographic and phonetic component
+# groups, stored in each of the character sets Japanese equipment uses.
+JAPANESE_SETS = {
+    "J87": (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    "J13": (["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"),
+    "JU8": ("ISO_IR 192", "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+}
+
+
+@pytest.mark.parametrize("query_set", list(JAPANESE_SETS))
+def test_japanese_names_are_found_whatever_the_character_sets(
+    tmp_path: Path, query_set: str
+) -> None:
+    engine = Engine(tmp_path).start()
+    try:
+        studies = {}
+        for patient_id, (charset, name) in JAPANESE_SETS.items():
+            ds = ct_dataset(generate_uid(), generate_uid(), 1, patient_id=patient_id)
+            ds.SpecificCharacterSet = charset
+            ds.PatientName = name
+            studies[patient_id] = str(ds.StudyInstanceUID)
+            assert send_datasets(engine, [ds]) == [(str(ds.SOPInstanceUID), status.SUCCESS)]
+        for wanted in ("山田^太郎", "やまだ*", "*^太郎"):
+            query = keys("STUDY", PatientName=wanted, PatientID="", StudyInstanceUID="")
+            query.SpecificCharacterSet = JAPANESE_SETS[query_set][0]
+            matches, final = pynetdicom_find(engine, query)
+            assert final == status.SUCCESS
+            found = {m.PatientID: m for m in matches}
+            assert set(found) == set(JAPANESE_SETS), wanted
+            for patient_id, (_, name) in JAPANESE_SETS.items():
+                assert found[patient_id].StudyInstanceUID == studies[patient_id]
+                assert str(found[patient_id].PatientName) == name
+    finally:
+        engine.stop()

@@ -11,9 +11,12 @@ with a literal prefix, can use an index. GLOB has no escape character: ``[`` and
 
 Case-insensitive person names compare ``lower()`` values; SQLite's built-in
 ``lower()`` folds ASCII letters only, so the value is folded the same way here
-(``É`` and ``é`` stay different). Names without ``=`` also match the first
-component group of a stored name (``Yamada^Tarou`` matches
-``Yamada^Tarou=山田^太郎``): the stored value is the whole decoded name.
+(``É`` and ``é`` stay different). A name without ``=`` also matches any one
+component group of a stored name: ``Yamada^Tarou``, ``山田^太郎`` and ``やまだ*`` all
+find ``Yamada^Tarou=山田^太郎=やまだ^たろう`` (alphabetic, ideographic and phonetic
+groups, as Japanese names are stored). The stored value is the whole decoded name,
+whatever character set it arrived in, so the query's own character set does not
+matter either.
 """
 
 from __future__ import annotations
@@ -119,18 +122,29 @@ def _uids(expr: str, values: list[str]) -> Condition:
 def _name(expr: str, value: str, fuzzy: bool) -> Condition:
     if fuzzy:
         expr, value = f"lower({expr})", value.translate(_ASCII_LOWER)
-    groups = GROUP_SEPARATOR not in value  # also match the first component group
+    groups = GROUP_SEPARATOR not in value  # also match any one component group
+    sep = GROUP_SEPARATOR
     if has_wildcard(value):
         pattern = glob(value)
         if groups:
+            later = (f"*{sep}{pattern}{sep}*", f"*{sep}{pattern}")
             return Condition(
-                f"({expr} GLOB ? OR {expr} GLOB ?)", (pattern, f"{pattern}{GROUP_SEPARATOR}*")
+                f"({expr} GLOB ? OR {expr} GLOB ? OR {expr} GLOB ? OR {expr} GLOB ?)",
+                (pattern, f"{pattern}{sep}*", *later),
             )
         return Condition(f"{expr} GLOB ?", (pattern,))
     if groups:
-        # A range on the text, not a GLOB, so that the patients_name index serves it.
+        # The first group as a range on the text, so that the patients_name index
+        # serves the common case; the later groups by GLOB.
+        literal = glob(value)
         return Condition(
-            f"({expr} = ? OR ({expr} >= ? AND {expr} < ?))",
-            (value, value + GROUP_SEPARATOR, value + _AFTER_GROUP_SEPARATOR),
+            f"({expr} = ? OR ({expr} >= ? AND {expr} < ?) OR {expr} GLOB ? OR {expr} GLOB ?)",
+            (
+                value,
+                value + sep,
+                value + _AFTER_GROUP_SEPARATOR,
+                f"*{sep}{literal}{sep}*",
+                f"*{sep}{literal}",
+            ),
         )
     return Condition(f"{expr} = ?", (value,))
