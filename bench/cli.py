@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import generate, profile, report
+from bench import generate, index, profile, report
 from bench.peers import PEERS, EnginePeer, available
 from bench.replay import Scenario, run_once
 
@@ -188,7 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--rate", type=int, default=250, help="samples per second")
     pr.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     pr.add_argument("--transport", choices=("pynetdicom", "native"), default="native")
+    ix = commands.add_parser("index", help="C-FIND latency and ingest rate at a large index")
+    ix.add_argument("--out", type=Path, required=True, help="folder for index.json/.md")
+    ix.add_argument("--instances", type=int, default=1_000_000)
+    ix.add_argument("--per-study", type=int, default=100, help="instances per study")
+    ix.add_argument("--queries", type=int, default=50, help="identifiers per query type")
+    ix.add_argument("--repeat", type=int, default=2, help="ingest runs per index")
+    ix.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
+    if args.command == "index":
+        return index.main(
+            args.out, args.instances, args.per_study, args.queries, args.repeat, args.cache
+        )
     if args.command == "setup":
         return setup()
     if args.command == "profile":

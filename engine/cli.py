@@ -59,7 +59,12 @@ async def serve(
         async with pipeline.running():
             query = QueryEngine(config.index.path, config.query, config.storage.path)
             listener = make_listener(
-                config.dicom, config.ingest, pipeline.receiver, pipeline.spooler, query
+                config.dicom,
+                config.ingest,
+                pipeline.receiver,
+                pipeline.spooler,
+                query,
+                pipeline.decoder,
             )
             await listener.start()
             try:

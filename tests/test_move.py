@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    MRImageStorage,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -219,3 +221,70 @@ def test_a_destination_that_is_down_fails_every_sub_operation(
         assert final.Status == status.UNABLE_TO_PERFORM_SUBOPERATIONS
         assert final.NumberOfFailedSuboperations == 3
         assert final.NumberOfCompletedSuboperations == 0
+
+
+@pytest.mark.skipif(
+    TRANSPORT == "pynetdicom", reason="decompression on retrieval is the native transport's"
+)
+def test_compressed_instances_are_decompressed_for_a_destination_that_wants_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JPEG-LS, JPEG 2000 and RLE instances moved to a node that accepts only Explicit VR
+    Little Endian arrive decompressed, with the pixels pydicom decodes from the originals."""
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", False)
+    arrived: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        arrived.append(ds)
+        return status.SUCCESS
+
+    scp = AE(ae_title="ONLYLE")
+    scp.add_supported_context(MRImageStorage, [ExplicitVRLittleEndian])
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    originals = []
+    for name in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"):
+        path = get_testdata_file(name)
+        assert path is not None
+        ds = dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        originals.append(ds)
+    peers = f'\n[[dicom.peers]]\nae_title = "ONLYLE"\nhost = "127.0.0.1"\nport = {port}\n'
+    engine = Engine(tmp_path / "engine")
+    assert engine.config_path is not None
+    engine.config_path.write_text(engine.config_path.read_text() + peers)
+    engine.start()
+    try:
+        sender = AE(ae_title="MODALITY")
+        for ds in originals:
+            sender.add_requested_context(MRImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
+        assoc = sender.associate("127.0.0.1", engine.port, ae_title=engine.ae_title)
+        assert assoc.is_established
+        try:
+            for ds in originals:
+                assert assoc.send_c_store(ds).Status == status.SUCCESS
+        finally:
+            assoc.release()
+        responses = pynetdicom_move(
+            engine,
+            series_identifier(originals[0]),
+            "ONLYLE",
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+        assert responses[-1].Status == status.SUCCESS
+        assert responses[-1].NumberOfCompletedSuboperations == 3
+    finally:
+        engine.stop()
+        server.shutdown()
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in arrived}
+    assert set(by_uid) == {str(ds.SOPInstanceUID) for ds in originals}
+    for original in originals:
+        copy = by_uid[str(original.SOPInstanceUID)]
+        assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert (copy.pixel_array == original.pixel_array).all(), (
+            original.file_meta.TransferSyntaxUID
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from engine.codecs import Decoder
 from engine.config import DicomConfig, IngestConfig, TransportKind
 from engine.dicom.qr import QueryEngine, QueryService
 from engine.dicom.scp import StoreSCP
@@ -47,6 +48,7 @@ def make_listener(
     receiver: Receiver,
     spooler: Spooler | None = None,
     query: QueryEngine | None = None,
+    decoder: Decoder | None = None,
 ) -> Listener:
     """The listener for ``dicom.transport``. The native one writes C-STORE datasets to
     ``spooler`` as they arrive, except those the pipeline must decode (held in memory)."""
@@ -56,7 +58,7 @@ def make_listener(
             ingest.store_timeout,
             spooler,
             lambda transfer_syntax: not needs_decoding(ingest, transfer_syntax),
-            QueryService(query, dicom.peers, dicom.ae_title) if query is not None else None,
+            QueryService(query, dicom.peers, dicom.ae_title, decoder) if query else None,
         )
         return NativeServer(dicom, services)
     return ThreadedListener(dicom, receiver, query)

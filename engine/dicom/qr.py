@@ -18,13 +18,14 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -34,7 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from engine import status
+from engine import codecs, status
 from engine.config import PeerConfig, QueryConfig
 from engine.dicom import dimse
 from engine.dicom.dimse import CommandField
@@ -163,13 +164,47 @@ def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
     return data
 
 
+# Part 10: 128-byte preamble, "DICM", then the File Meta group, whose first element
+# (0002,0000) UL holds the length of the rest of the group (tag 4, VR 2, length 2, value 4).
+_META_START = 132
+_GROUP_LENGTH = struct.Struct("<HH2sHL")
+
+
+class Decompressor:
+    """Decompression of a stored instance for a destination that takes only uncompressed
+    syntaxes: the engine's decoder process pool (``codecs.Decoder``, started on first
+    use), called from the C-STORE SCU's worker thread."""
+
+    def __init__(self, decoder: codecs.Decoder, loop: asyncio.AbstractEventLoop) -> None:
+        self.decoder = decoder
+        self.loop = loop
+
+    def __call__(self, instance: Instance) -> Dataset:
+        raw = instance.path.read_bytes()
+        _, _, _, _, length = _GROUP_LENGTH.unpack_from(raw, _META_START)
+        start = _META_START + _GROUP_LENGTH.size + length
+        work = self.decoder.process(raw[start:], instance.transfer_syntax, True)
+        data, syntax = asyncio.run_coroutine_threadsafe(work, self.loop).result()
+        ds = decode_identifier(data, syntax)
+        ds.file_meta = read_file_meta_info(instance.path)
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+        return ds
+
+
 class QueryService:
     """C-FIND, C-MOVE and C-CANCEL for the native transport."""
 
     def __init__(
-        self, engine: QueryEngine, peers: tuple[PeerConfig, ...] = (), ae_title: str = ""
+        self,
+        engine: QueryEngine,
+        peers: tuple[PeerConfig, ...] = (),
+        ae_title: str = "",
+        decoder: codecs.Decoder | None = None,
     ) -> None:
+        """``decoder``: decompresses instances for destinations that refuse their
+        compressed syntax (without one, those sub-operations fail)."""
         self.engine = engine
+        self.decoder = decoder
         self.peers = {peer.ae_title.strip(): peer for peer in peers}
         self.ae_title = ae_title
         # (peer address, peer port, message ID) of the requests being answered -> cancelled
@@ -327,6 +362,7 @@ class QueryService:
                     move_originator_message_id=message_id,
                     on_progress=progressed,
                     cancelled=lambda: self._running.get(key, True),
+                    decompress=Decompressor(self.decoder, loop) if self.decoder else None,
                 )
             )
             while not job.done() or not updates.empty():

@@ -19,7 +19,9 @@ Rules:
   file is sent as it is, by path, never decoded (``STORE_SEND_CHUNKED_DATASET``). An
   instance stored in Explicit or Implicit VR Little Endian may also go in the other one
   (pydicom re-encodes the dataset it reads). A compressed instance whose syntax was
-  refused fails: decompression on retrieval is not implemented yet.
+  refused is decompressed by ``decompress`` (given by the caller: a process pool) into
+  an uncompressed syntax the destination accepted; without one, or when its pixel data
+  cannot be decoded, that sub-operation fails and the others go on.
 - The file is read for each sub-operation, never kept: a move may be a whole archive.
 - Outcome of each sub-operation: success is ``completed``; the warning statuses of
   PS3.4 B.2.3 are ``warning``; anything else, no response, a file that cannot be read
@@ -121,9 +123,9 @@ class Route(Enum):
     AS_STORED = "the file's bytes, in the stored transfer syntax"
     REENCODED = "re-encoded into the other uncompressed syntax"
     NO_CONTEXT = "the destination accepted no presentation context for its SOP class"
+    DECOMPRESSED = "decompressed, in an uncompressed syntax the destination accepted"
     NEEDS_DECOMPRESSION = (
-        "the destination refused its compressed transfer syntax "
-        "and decompression on retrieval is not implemented"
+        "the destination refused its compressed transfer syntax and no decompressor was given"
     )
 
 
@@ -204,7 +206,9 @@ def plan_contexts(instances: Sequence[Instance]) -> list[tuple[str, str]]:
     return plan[:MAX_CONTEXTS]
 
 
-def route(instance: Instance, accepted: set[tuple[str, str]]) -> Route:
+def route(
+    instance: Instance, accepted: set[tuple[str, str]], can_decompress: bool = False
+) -> Route:
     """How ``instance`` can be sent given the accepted (abstract, transfer syntax) pairs."""
     if (instance.sop_class_uid, instance.transfer_syntax) in accepted:
         return Route.AS_STORED
@@ -214,6 +218,8 @@ def route(instance: Instance, accepted: set[tuple[str, str]]) -> Route:
         return Route.REENCODED
     if not any(sop_class == instance.sop_class_uid for sop_class, _ in accepted):
         return Route.NO_CONTEXT
+    if uncompressed and can_decompress:
+        return Route.DECOMPRESSED
     return Route.NEEDS_DECOMPRESSION
 
 
@@ -227,6 +233,7 @@ def send(
     on_progress: Callable[[Progress], None] | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     timeout: float = 30.0,
+    decompress: Callable[[Instance], Dataset] | None = None,
 ) -> Progress:
     """C-STORE ``instances`` to ``destination`` on one association; the final counts.
 
@@ -288,6 +295,7 @@ def send(
                 message_id,
                 move_originator_ae,
                 move_originator_message_id,
+                decompress,
             )
             _count(progress, instance, result)
             if on_progress is not None:
@@ -318,10 +326,24 @@ def _store(
     message_id: int,
     originator_ae: str | None,
     originator_id: int | None,
+    decompress: Callable[[Instance], Dataset] | None = None,
 ) -> _Result:
     """One sub-operation; failures are logged here, with their reason."""
     uid = instance.sop_instance_uid
-    how = route(instance, accepted)
+    how = route(instance, accepted, decompress is not None)
+    if how is Route.DECOMPRESSED:
+        assert decompress is not None
+        try:
+            if (mismatch := _mismatch(instance)) is not None:
+                log.warning("C-STORE %s to %s failed: %s", uid, destination, mismatch)
+                return _Result.FAILED
+            decompressed = decompress(instance)
+        except Exception as exc:  # a decoder's failure is the data's, not ours
+            log.warning("C-STORE %s to %s failed: cannot decompress: %s", uid, destination, exc)
+            return _Result.FAILED
+        return _send(
+            assoc, destination, uid, decompressed, message_id, originator_ae, originator_id
+        )
     if how not in (Route.AS_STORED, Route.REENCODED):
         log.warning("C-STORE %s to %s failed: %s", uid, destination, how.value)
         return _Result.FAILED
@@ -342,6 +364,19 @@ def _store(
         log.warning("C-STORE %s to %s failed: %s %s", uid, destination, instance.path, mismatch)
         return _Result.FAILED
 
+    return _send(assoc, destination, uid, payload, message_id, originator_ae, originator_id)
+
+
+def _send(
+    assoc: Association,
+    destination: Destination,
+    uid: str,
+    payload: Path | Dataset,
+    message_id: int,
+    originator_ae: str | None,
+    originator_id: int | None,
+) -> _Result:
+    """Send one C-STORE-RQ and judge its response."""
     try:
         rsp = assoc.send_c_store(
             payload, msg_id=message_id, originator_aet=originator_ae, originator_id=originator_id
