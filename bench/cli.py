@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ix.add_argument("--instances", type=int, default=1_000_000)
     ix.add_argument("--per-study", type=int, default=100, help="instances per study")
     ix.add_argument("--queries", type=int, default=50, help="identifiers per query type")
-    ix.add_argument("--repeat", type=int, default=2, help="ingest runs per index")
+    ix.add_argument("--repeat", type=int, default=2, help="ingest runs per index; 0: none")
     ix.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
     if args.command == "index":

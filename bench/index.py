@@ -301,16 +301,19 @@ def main(
         fill_rate = asyncio.run(fill(index, studies, per_study, seed=1))
         print("C-FIND, in process:", file=sys.stderr)
         find = measure_find(index, queries_per_type, seed=2)
-        spec = generate.StudySpec(studies=2)
-        files = generate.cached(spec, generate.Syntax.EXPLICIT, cache)
-        print("ingest of 600 instances at C=1, large index against empty:", file=sys.stderr)
-        ingest = measure_ingest(index, work, files, spec.studies, repeat, studies * per_study)
+        ingest: dict[str, list[float]] = {"empty index": [], "large index": []}
+        if repeat > 0:
+            spec = generate.StudySpec(studies=2)
+            files = generate.cached(spec, generate.Syntax.EXPLICIT, cache)
+            print("ingest of 600 instances at C=1, large index against empty:", file=sys.stderr)
+            ingest = measure_ingest(index, work, files, spec.studies, repeat, studies * per_study)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # Each repeat runs both back to back: the median of the pairs' ratios is what the
     # machine's drift from minute to minute disturbs least.
     pairs = zip(ingest["large index"], ingest["empty index"], strict=True)
-    ratio = round(statistics.median(large / empty for large, empty in pairs), 2)
+    ratios = [large / empty for large, empty in pairs]
+    ratio = round(statistics.median(ratios), 2) if ratios else None
     result = {
         "instances": studies * per_study,
         "studies": studies,
@@ -336,7 +339,9 @@ def main(
             for label, v in find.items()
         ],
         "",
-        "Ingest, 600 CT instances at C=1, instances/s per repeat: "
+        "Ingest not measured (`--repeat 0`)."
+        if ratio is None
+        else "Ingest, 600 CT instances at C=1, instances/s per repeat: "
         + "; ".join(f"{label}: {', '.join(f'{x:g}' for x in v)}" for label, v in ingest.items())
         + f". Large / empty, median of the repeats' ratios: {ratio}x.",
         "",

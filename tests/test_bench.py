@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import generate, report
+from bench import generate, index, report
 from bench.peers import StorescpPeer
 from bench.replay import Scenario, run_once, split
 from tests.helpers import REPO
@@ -130,3 +130,13 @@ def test_split_keeps_series_together_and_loses_nothing() -> None:
     assert [len(s) for s in shares] == [3, 3, 2, 2]
     assert [f for share in shares for f in share] == files
     assert split(files[:2], 4) == [[files[0]], [files[1]]]
+
+
+def test_bench_index_fills_and_queries_a_small_index(tmp_path: Path) -> None:
+    """The million-instance bench, in miniature (no ingest runs), so that it cannot rot."""
+    assert index.main(tmp_path, 3000, 100, 4, 0, tmp_path / "cache") == 0
+    result = orjson.loads((tmp_path / "index.json").read_bytes())
+    assert result["instances"] == 3000
+    assert set(result["find"]) >= {"study UID (STUDY)", "series of one study (SERIES)"}
+    assert result["find"]["study UID (STUDY)"]["median_matches"] == 1
+    assert "Ingest not measured" in (tmp_path / "index.md").read_text()
