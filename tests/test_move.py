@@ -19,10 +19,12 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
     MRImageStorage,
     PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -288,3 +290,97 @@ def test_compressed_instances_are_decompressed_for_a_destination_that_wants_it(
         assert (copy.pixel_array == original.pixel_array).all(), (
             original.file_meta.TransferSyntaxUID
         )
+
+
+# -- C-GET: the instances come back on the requestor's own association ----------------
+
+
+def test_getscu_gets_a_series(engine: tuple[Engine, list[list[Dataset]]], tmp_path: Path) -> None:
+    eng, studies = engine
+    series = studies[0]
+    run = subprocess.run(
+        [
+            "getscu", "-S", "-aet", "GETSCU", "-aec", eng.ae_title, "-od", str(tmp_path),
+            "-k", "QueryRetrieveLevel=SERIES",
+            "-k", f"StudyInstanceUID={series[0].StudyInstanceUID}",
+            "-k", f"SeriesInstanceUID={series[0].SeriesInstanceUID}",
+            "127.0.0.1", str(eng.port),
+        ],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    arrived = received(tmp_path, {str(ds.SOPInstanceUID) for ds in series})
+    assert set(arrived) == {str(ds.SOPInstanceUID) for ds in series}
+    for ds in series:
+        copy = arrived[str(ds.SOPInstanceUID)]
+        del copy.file_meta
+        assert copy == ds
+
+
+def test_pynetdicom_get_with_role_selection(engine: tuple[Engine, list[list[Dataset]]]) -> None:
+    eng, studies = engine
+    series = studies[1]
+    arrived: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        arrived.append(event.dataset)
+        return status.SUCCESS
+
+    ae = AE(ae_title="GETSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    role = build_role(CTImageStorage, scp_role=True)
+    assoc = ae.associate(
+        "127.0.0.1",
+        eng.port,
+        ae_title=eng.ae_title,
+        ext_neg=[role],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    try:
+        responses = [
+            rsp
+            for rsp, _ in assoc.send_c_get(
+                series_identifier(series[0]), StudyRootQueryRetrieveInformationModelGet
+            )
+        ]
+    finally:
+        assoc.release()
+    final = responses[-1]
+    assert final.Status == status.SUCCESS
+    assert final.NumberOfCompletedSuboperations == 3
+    assert any(r.Status == status.PENDING for r in responses[:-1])
+    assert sorted(str(d.SOPInstanceUID) for d in arrived) == sorted(
+        str(d.SOPInstanceUID) for d in series
+    )
+    by_uid = {str(d.SOPInstanceUID): d for d in arrived}
+    for ds in series:
+        assert by_uid[str(ds.SOPInstanceUID)].PixelData == ds.PixelData
+
+
+def test_get_without_the_scp_role_fails_its_sub_operations(
+    engine: tuple[Engine, list[list[Dataset]]],
+) -> None:
+    """A requestor that did not take the SCP role for the storage class cannot be sent
+    anything: every sub-operation fails, the association goes on."""
+    eng, studies = engine
+    ae = AE(ae_title="GETSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", eng.port, ae_title=eng.ae_title)
+    assert assoc.is_established
+    try:
+        responses = [
+            rsp
+            for rsp, _ in assoc.send_c_get(
+                series_identifier(studies[0][0]), StudyRootQueryRetrieveInformationModelGet
+            )
+        ]
+    finally:
+        assoc.release()
+    final = responses[-1]
+    assert final.Status not in (status.SUCCESS, status.PENDING)
+    assert final.get("NumberOfCompletedSuboperations", 0) == 0

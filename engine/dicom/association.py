@@ -25,9 +25,10 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from engine import status
 from engine.dicom import acse, dimse, pdu
 from engine.dicom.fsm import TABLE, Action, Event, State, transition
 from engine.dicom.services import Request
@@ -78,6 +79,10 @@ class Association(asyncio.Protocol):
         self._spool_paused = False
         self.outstanding = 0
         self._release_pending = False
+        # C-STOREs we sent on this association (a C-GET's), by Message ID.
+        self._awaiting: dict[int, asyncio.Future[dimse.Command]] = {}
+        self._message_id = 0
+        self.roles: dict[str, tuple[bool, bool]] = {}
         self._abort_reason = pdu.AbortReason.NOT_SPECIFIED
         self._framing_lost = False
         self._actions: dict[Action, Callable[[Any], None]] = {
@@ -149,6 +154,10 @@ class Association(asyncio.Protocol):
             self._spool.discard()  # the dataset will never be complete
             self._spool = None
         self.server.associations.discard(self)
+        for waiting in self._awaiting.values():
+            if not waiting.done():
+                waiting.set_exception(ConnectionError("the association ended"))
+        self._awaiting.clear()
 
     # -- the state machine --------------------------------------------------------------
 
@@ -199,6 +208,7 @@ class Association(asyncio.Protocol):
             r.context_id: r for r in results if r.result is acse.ContextResult.ACCEPTANCE
         }
         self.peer_max_pdu = request.max_pdu_length
+        self.roles = dict(request.roles)
         self._event(Event.EVT7, acse.encode_associate_ac(request, results, self.server.settings))
 
     def _ae7(self, ac: bytes) -> None:
@@ -283,6 +293,10 @@ class Association(asyncio.Protocol):
             if not pdv.is_last:
                 return
             command = dimse.decode_command(b"".join(self._command_parts))
+            if command.is_response:
+                self._command_parts.clear()
+                self._answered(command)
+                return
             self._command_parts.clear()
             if command.has_dataset:
                 self._command, self._command_context = command, pdv.context_id
@@ -347,6 +361,7 @@ class Association(asyncio.Protocol):
             command=command,
             dataset=dataset,
             completed_at=time.monotonic(),
+            channel=self,
             spooled=spool.finish(last_parts) if spool is not None else None,
         )
         if log.isEnabledFor(logging.DEBUG):
@@ -391,6 +406,60 @@ class Association(asyncio.Protocol):
         if self._release_pending and not self.outstanding and self.state is State.STA8:
             self._release_pending = False
             self._event(Event.EVT14)
+
+    # -- C-STORE sub-operations of a C-GET (StoreChannel) -------------------------------
+
+    def context_for(
+        self, sop_class_uid: str, transfer_syntaxes: Sequence[str]
+    ) -> tuple[int, str] | None:
+        """An accepted context of this SOP class in one of the syntaxes, preferring the
+        first, on which the requestor took the SCP role (PS3.7 D.3.3.4), or None."""
+        if not self.roles.get(sop_class_uid, (True, False))[1]:
+            return None
+        for syntax in transfer_syntaxes:
+            for context in self.contexts.values():
+                if context.abstract_syntax == sop_class_uid and context.transfer_syntax == syntax:
+                    return context.context_id, syntax
+        return None
+
+    async def c_store(
+        self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: bytes
+    ) -> int:
+        """Send a C-STORE-RQ to the requestor; the status of its answer (or a failure)."""
+        if self.transport is None or self.state not in (State.STA6, State.STA8):
+            return status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        self._message_id = self._message_id % dimse.MAX_MESSAGE_ID + 1
+        message_id = self._message_id
+        command = dimse.encode_request(
+            dimse.CommandField.C_STORE_RQ,
+            message_id,
+            affected_sop_class_uid=sop_class_uid,
+            affected_sop_instance_uid=sop_instance_uid,
+            has_dataset=True,
+        )
+        waiting: asyncio.Future[dimse.Command] = asyncio.get_running_loop().create_future()
+        self._awaiting[message_id] = waiting
+        pdus = pdu.encode_pdata(context_id, True, command, self.peer_max_pdu)
+        pdus += pdu.encode_pdata(context_id, False, dataset, self.peer_max_pdu)
+        self._event(Event.EVT9, pdus)
+        try:
+            answer = await asyncio.wait_for(waiting, self.server.dimse_timeout)
+        except (TimeoutError, ConnectionError) as exc:
+            log.warning("%s: no answer to C-STORE %s: %r", self._who(), sop_instance_uid, exc)
+            return status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        finally:
+            self._awaiting.pop(message_id, None)
+        return answer.status if answer.status is not None else status.PROCESSING_FAILURE
+
+    def _answered(self, command: dimse.Command) -> None:
+        """A response arrived: the answer to a C-STORE we sent, or a protocol error."""
+        if command.has_dataset:
+            raise ProtocolError("a response with a data set was not expected")
+        waiting = self._awaiting.get(command.message_id_being_responded_to or 0)
+        if waiting is None or waiting.done():
+            log.warning("%s: a response to no request of ours; ignored", self._who())
+            return
+        waiting.set_result(command)
 
     # -- timers and I/O -----------------------------------------------------------------
 

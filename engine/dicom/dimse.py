@@ -75,6 +75,7 @@ class Priority(IntEnum):
 
 
 RESPONSE_BIT = 0x8000  # PS3.7 E.1: set in the Command Field of every response
+MAX_MESSAGE_ID = 0xFFFF  # Message ID is a US
 
 # (0000,0800) Command Data Set Type. 0x0101 means "no dataset follows"; PS3.7 E.1 says
 # any other value means one does, so the decoder reads it that way. pynetdicom and dcmtk

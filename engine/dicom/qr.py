@@ -26,12 +26,14 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_file_meta_info
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -39,8 +41,8 @@ from engine import codecs, status
 from engine.config import PeerConfig, QueryConfig
 from engine.dicom import dimse
 from engine.dicom.dimse import CommandField
-from engine.dicom.services import Request
-from engine.dicom.store_scu import Destination, Instance, Progress, send
+from engine.dicom.services import Request, StoreChannel
+from engine.dicom.store_scu import STORE_WARNINGS, Destination, Instance, Progress, send
 from engine.query.find import Model, QueryError, plan, run
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,12 @@ MOVE_MODELS = {
     str(PatientRootQueryRetrieveInformationModelMove): Model.PATIENT_ROOT,
     str(StudyRootQueryRetrieveInformationModelMove): Model.STUDY_ROOT,
 }
-QUERY_RETRIEVE_CLASSES = frozenset(FIND_MODELS) | frozenset(MOVE_MODELS)
+GET_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelGet): Model.PATIENT_ROOT,
+    str(StudyRootQueryRetrieveInformationModelGet): Model.STUDY_ROOT,
+}
+QUERY_RETRIEVE_CLASSES = frozenset(FIND_MODELS) | frozenset(MOVE_MODELS) | frozenset(GET_MODELS)
+UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 
 # The unique key of each level, and the index column it selects instances by.
 _UNIQUE_KEYS = {
@@ -278,6 +285,18 @@ class QueryService:
         finally:
             del self._running[key]
 
+    async def _select(self, request: Request, model: Model) -> list[Instance] | QueryError:
+        """The instances a C-MOVE or C-GET identifier names, or why there are none."""
+        assert request.dataset is not None
+        try:
+            identifier = decode_identifier(request.dataset, request.transfer_syntax)
+            return await asyncio.to_thread(self.engine.instances, model, identifier)
+        except QueryError as exc:
+            return exc
+        except Exception as exc:
+            log.warning("retrieve identifier from %s unusable: %s", request.origin.calling_ae, exc)
+            return QueryError(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+
     async def move(self, request: Request) -> AsyncIterator[tuple[bytes, bytes | None]]:
         """A C-MOVE: pending responses with the counts, then the final one."""
         command = request.command
@@ -287,22 +306,8 @@ class QueryService:
         origin = request.origin
 
         def response(code: int, progress: Progress | None, comment: str | None = None) -> bytes:
-            counts: dict[str, int | None] = {}
-            if progress is not None:
-                counts = {
-                    "remaining": progress.remaining if code == status.PENDING else None,
-                    "completed": progress.completed,
-                    "failed": progress.failed,
-                    "warning": progress.warning,
-                }
-            return dimse.encode_response(
-                CommandField.C_MOVE_RSP,
-                message_id,
-                code,
-                affected_sop_class_uid=sop_class,
-                error_comment=comment,
-                has_dataset=bool(progress and progress.failed_uids and code != status.PENDING),
-                **counts,  # type: ignore[arg-type]
+            return retrieve_response(
+                CommandField.C_MOVE_RSP, message_id, sop_class, code, progress, comment
             )
 
         peer = self.peers.get((command.move_destination or "").strip())
@@ -318,16 +323,11 @@ class QueryService:
             comment = f"unknown destination {command.move_destination!r}; see [[dicom.peers]]"
             yield response(status.MOVE_DESTINATION_UNKNOWN, None, comment), None
             return
-        try:
-            identifier = decode_identifier(request.dataset, request.transfer_syntax)
-            instances = await asyncio.to_thread(self.engine.instances, model, identifier)
-        except QueryError as exc:
-            yield response(exc.status, None, exc.message), None
+        selected = await self._select(request, model)
+        if isinstance(selected, QueryError):
+            yield response(selected.status, None, selected.message), None
             return
-        except Exception as exc:
-            log.warning("C-MOVE identifier from %s unusable: %s", origin.calling_ae, exc)
-            yield response(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None, str(exc)), None
-            return
+        instances = selected
         log.info(
             "C-MOVE from %s: %d instances to %s (%s:%d)",
             origin.calling_ae,
@@ -377,17 +377,141 @@ class QueryService:
             final = await job
         finally:
             cancelled = self._running.pop(key, False)
-        if cancelled:
-            code = status.CANCEL
-        elif not final.failed and not final.warning:
-            code = status.SUCCESS
-        elif final.completed or final.warning:
-            code = status.SUBOPERATIONS_WITH_FAILURES
-        else:
-            code = status.UNABLE_TO_PERFORM_SUBOPERATIONS
-        dataset = None
-        if final.failed_uids:
-            failed = Dataset()
-            failed.FailedSOPInstanceUIDList = final.failed_uids
-            dataset = encode_identifier(failed, request.transfer_syntax)
-        yield response(code, final), dataset
+        code = final_status(final, cancelled)
+        yield response(code, final), failed_list(final, request.transfer_syntax)
+
+    async def get(self, request: Request) -> AsyncIterator[tuple[bytes, bytes | None]]:
+        """A C-GET: the instances go back on the requestor's own association, as C-STOREs
+        on the storage contexts it proposed with the SCP role; pending responses carry the
+        counts, the final one the failed UIDs."""
+        command = request.command
+        message_id = command.message_id or 0
+        sop_class = command.affected_sop_class_uid or request.abstract_syntax
+        model = GET_MODELS.get(sop_class)
+        origin = request.origin
+
+        def response(code: int, progress: Progress | None, comment: str | None = None) -> bytes:
+            return retrieve_response(
+                CommandField.C_GET_RSP, message_id, sop_class, code, progress, comment
+            )
+
+        channel = request.channel
+        if model is None or request.dataset is None or channel is None:
+            comment = "not a C-GET this transport can answer"
+            yield response(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None, comment), None
+            return
+        selected = await self._select(request, model)
+        if isinstance(selected, QueryError):
+            yield response(selected.status, None, selected.message), None
+            return
+        instances = selected
+        log.info("C-GET from %s: %d instances", origin.calling_ae, len(instances))
+        loop = asyncio.get_running_loop()
+        decompress = Decompressor(self.decoder, loop) if self.decoder else None
+        progress = Progress(remaining=len(instances))
+        key = (origin.peer_ip, origin.peer_port, message_id)
+        self._running[key] = False
+        try:
+            for instance in instances:
+                if self._running[key]:
+                    break
+                result = await self._get_one(channel, instance, decompress)
+                progress.remaining -= 1
+                if result == status.SUCCESS:
+                    progress.completed += 1
+                elif result in STORE_WARNINGS:
+                    progress.warning += 1
+                else:
+                    progress.failed += 1
+                    progress.failed_uids.append(instance.sop_instance_uid)
+                if progress.remaining:
+                    yield response(status.PENDING, progress), None
+        finally:
+            cancelled = self._running.pop(key, False)
+        code = final_status(progress, cancelled)
+        yield response(code, progress), failed_list(progress, request.transfer_syntax)
+
+    async def _get_one(
+        self, channel: StoreChannel, instance: Instance, decompress: Decompressor | None
+    ) -> int:
+        """One C-GET sub-operation; the C-STORE-RSP status, or a failure status."""
+        uid = instance.sop_instance_uid
+        compressed = instance.transfer_syntax not in UNCOMPRESSED
+        syntaxes = [instance.transfer_syntax]
+        if not compressed or decompress is not None:
+            syntaxes += [ts for ts in UNCOMPRESSED if ts != instance.transfer_syntax]
+        choice = channel.context_for(instance.sop_class_uid, syntaxes)
+        if choice is None:
+            log.warning(
+                "C-GET: no accepted storage context for %s (%s)", uid, instance.sop_class_uid
+            )
+            return status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        context_id, syntax = choice
+        try:
+            data = await asyncio.to_thread(dataset_in, instance, syntax, decompress)
+        except Exception as exc:  # a file or decoder failure is this instance's alone
+            log.warning("C-GET: cannot prepare %s: %s", uid, exc)
+            return status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        return await channel.c_store(context_id, instance.sop_class_uid, uid, data)
+
+
+def retrieve_response(
+    command_field: int,
+    message_id: int,
+    sop_class: str,
+    code: int,
+    progress: Progress | None,
+    comment: str | None = None,
+) -> bytes:
+    """A C-MOVE-RSP or C-GET-RSP command set, with the counts when there are any."""
+    counts: dict[str, int | None] = {}
+    if progress is not None:
+        counts = {
+            "remaining": progress.remaining if code == status.PENDING else None,
+            "completed": progress.completed,
+            "failed": progress.failed,
+            "warning": progress.warning,
+        }
+    return dimse.encode_response(
+        command_field,
+        message_id,
+        code,
+        affected_sop_class_uid=sop_class,
+        error_comment=comment,
+        has_dataset=bool(progress and progress.failed_uids and code != status.PENDING),
+        **counts,  # type: ignore[arg-type]
+    )
+
+
+def final_status(progress: Progress, cancelled: bool) -> int:
+    """The last C-MOVE/C-GET response's status (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+    if cancelled:
+        return status.CANCEL
+    if not progress.failed and not progress.warning:
+        return status.SUCCESS
+    if progress.completed or progress.warning:
+        return status.SUBOPERATIONS_WITH_FAILURES
+    return status.UNABLE_TO_PERFORM_SUBOPERATIONS
+
+
+def failed_list(progress: Progress, transfer_syntax: str) -> bytes | None:
+    """The final response's identifier: the Failed SOP Instance UID List, if any failed."""
+    if not progress.failed_uids:
+        return None
+    failed = Dataset()
+    failed.FailedSOPInstanceUIDList = progress.failed_uids
+    return encode_identifier(failed, transfer_syntax)
+
+
+def dataset_in(instance: Instance, syntax: str, decompress: Decompressor | None) -> bytes:
+    """A stored instance's dataset encoded in ``syntax`` (blocking: a worker thread)."""
+    raw = instance.path.read_bytes()
+    _, _, _, _, length = _GROUP_LENGTH.unpack_from(raw, _META_START)
+    data = raw[_META_START + _GROUP_LENGTH.size + length :]
+    if syntax == instance.transfer_syntax:
+        return data
+    if instance.transfer_syntax in UNCOMPRESSED:
+        return encode_identifier(decode_identifier(data, instance.transfer_syntax), syntax)
+    if decompress is None:
+        raise ValueError(f"{instance.transfer_syntax} would need decompressing")
+    return encode_identifier(decompress(instance), syntax)

@@ -27,8 +27,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from engine import status
 from engine.config import DicomConfig
 from engine.dicom import dimse
-from engine.dicom.qr import FIND_MODELS, MOVE_MODELS, QUERY_RETRIEVE_CLASSES, QueryEngine
-from engine.dicom.store_scu import plan_contexts
+from engine.dicom.qr import (
+    FIND_MODELS,
+    GET_MODELS,
+    MOVE_MODELS,
+    QUERY_RETRIEVE_CLASSES,
+    QueryEngine,
+)
+from engine.dicom.store_scu import Instance, plan_contexts
 from engine.model import Origin, Outcome, Received, Result
 from engine.stages.receive import Receiver
 
@@ -52,6 +58,21 @@ def response(result: Result) -> int | Dataset:
     if result.message:
         rsp.ErrorComment = result.message[: dimse.ERROR_COMMENT_MAX]
     return rsp
+
+
+def _sub_operations(event: evt.Event, instances: list[Instance]) -> Iterator[Any]:
+    """(status, dataset) per instance for pynetdicom's C-MOVE/C-GET machinery."""
+    for instance in instances:
+        if event.is_cancelled:
+            yield status.CANCEL, None
+            return
+        try:
+            yield status.PENDING, dcmread(instance.path)
+        except OSError as exc:
+            log.error("cannot read %s for a retrieval: %s", instance.path, exc)
+            failed = Dataset()
+            failed.SOPInstanceUID = instance.sop_instance_uid
+            yield status.UNABLE_TO_PERFORM_SUBOPERATIONS, failed
 
 
 def origin_of(event: evt.Event) -> Origin:
@@ -102,6 +123,7 @@ class StoreSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_FIND, self.handle_find),
             (evt.EVT_C_MOVE, self.handle_move),
+            (evt.EVT_C_GET, self.handle_get),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ABORTED, self.handle_aborted),
@@ -207,17 +229,19 @@ class StoreSCP:
         log.info("C-MOVE: %d instances to %s", len(instances), peer.ae_title)
         yield peer.host, peer.port, {"contexts": contexts}
         yield len(instances)
-        for instance in instances:
-            if event.is_cancelled:
-                yield status.CANCEL, None
-                return
-            try:
-                yield status.PENDING, dcmread(instance.path)
-            except OSError as exc:
-                log.error("C-MOVE: cannot read %s: %s", instance.path, exc)
-                failed = Dataset()
-                failed.SOPInstanceUID = instance.sop_instance_uid
-                yield status.UNABLE_TO_PERFORM_SUBOPERATIONS, failed
+        yield from _sub_operations(event, instances)
+
+    def handle_get(self, event: evt.Event) -> Iterator[Any]:
+        """pynetdicom's C-GET handler: the number of sub-operations, then (status,
+        dataset) per instance; pynetdicom sends them back on the same association."""
+        model = GET_MODELS.get(str(event.request.AffectedSOPClassUID))
+        if self.query is None or model is None:
+            yield 0
+            return
+        instances = self.query.instances(model, event.identifier)
+        log.info("C-GET: %d instances", len(instances))
+        yield len(instances)
+        yield from _sub_operations(event, instances)
 
     def handle_accepted(self, event: evt.Event) -> None:
         o = origin_of(event)

@@ -49,6 +49,7 @@ class NativeServer:
         self.max_pdu_body = config.maximum_pdu_size or UNLIMITED_PDU_BODY
         self.acse_timeout = config.acse_timeout
         self.network_timeout = config.network_timeout
+        self.dimse_timeout = config.dimse_timeout
         self.receive_buffer = config.receive_buffer
         self.associations: set[Association] = set()
         self._tasks: set[asyncio.Task[None]] = set()

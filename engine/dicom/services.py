@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from engine import status
 from engine.dicom import dimse
@@ -40,6 +40,25 @@ class Request:
     completed_at: float  # monotonic: when the last fragment arrived
     # The dataset written to a temp file as it arrived (then ``dataset`` is None).
     spooled: asyncio.Future[Spooled] | None = None
+    # C-STORE sub-operations on this same association (a C-GET's), when the transport
+    # can send them: (SOP class, instance, syntaxes it may use) -> a context, then
+    # (context ID, dataset bytes in its syntax) -> the C-STORE-RSP status.
+    channel: StoreChannel | None = None
+
+
+class StoreChannel(Protocol):
+    """What a transport offers a C-GET: C-STOREs back to the requestor."""
+
+    def context_for(
+        self, sop_class_uid: str, transfer_syntaxes: Sequence[str]
+    ) -> tuple[int, str] | None:
+        """The accepted (context ID, transfer syntax) to send this SOP class in, preferring
+        the syntaxes in the order given, or None."""
+
+    async def c_store(
+        self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: bytes
+    ) -> int:
+        """Send one C-STORE-RQ and return the status of its response."""
 
 
 class Services:
@@ -87,6 +106,10 @@ class Services:
             return
         if self.query is not None and field == CommandField.C_MOVE_RQ:
             async for message in self.query.move(request):
+                yield message
+            return
+        if self.query is not None and field == CommandField.C_GET_RQ:
+            async for message in self.query.get(request):
                 yield message
             return
         if self.query is not None and field == CommandField.C_CANCEL_RQ:

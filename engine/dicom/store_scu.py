@@ -54,6 +54,7 @@ from pynetdicom.association import Association
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from engine import status
+from engine.dicom import dimse
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 # PS3.8 9.3.2.2: presentation context IDs are the odd numbers 1-255.
 MAX_CONTEXTS = 128
-# PS3.7 annex E: (0000,0110) Message ID is a US, an unsigned 16-bit value.
-MAX_MESSAGE_ID = 0xFFFF
 
 # PS3.4 B.2.3 (table B.2-1): the Storage Service Class warnings a destination may answer.
 # engine/status.py names what the engine answers as an SCP; these are what we receive.
@@ -286,7 +285,7 @@ def send(
             if not assoc.is_established:  # the peer released or aborted in between
                 _lost(destination, progress, instances[index:], on_progress)
                 break
-            message_id = index % MAX_MESSAGE_ID + 1
+            message_id = index % dimse.MAX_MESSAGE_ID + 1
             result = _store(
                 assoc,
                 destination,
