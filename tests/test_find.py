@@ -332,3 +332,76 @@ def test_japanese_names_are_found_whatever_the_character_sets(
                 assert str(found[patient_id].PatientName) == name
     finally:
         engine.stop()
+
+
+def findscu(engine: Engine, folder: Path, model: str, keys: list[str]) -> list[Dataset]:
+    """The responses of one dcmtk findscu query (``model``: -S or -P), as datasets."""
+    folder.mkdir()
+    argv = ["findscu", model, "-aec", engine.ae_title, "-X", "-od", str(folder)]
+    for key in keys:
+        argv += ["-k", key]
+    run = subprocess.run(
+        [*argv, "127.0.0.1", str(engine.port)],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return [dcmread(p) for p in sorted(folder.glob("rsp*.dcm"))]
+
+
+def test_findscu_every_level_and_matching_type(
+    filled: tuple[Engine, list[list[Dataset]]], tmp_path: Path
+) -> None:
+    engine, studies = filled
+    first = studies[0][0]
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    two = f"{studies[0][0].SOPInstanceUID}\\{studies[0][1].SOPInstanceUID}"
+
+    def ask(model: str, *keys: str) -> list[Dataset]:
+        return findscu(engine, tmp_path / f"q{len(list(tmp_path.iterdir()))}", model, list(keys))
+
+    def accessions(answers: list[Dataset]) -> list[str]:
+        return sorted(str(a.AccessionNumber) for a in answers)
+
+    level = "QueryRetrieveLevel="
+    # Study Root: single value, ? wildcard, open-ended date ranges, universal matching.
+    assert accessions(ask("-S", f"{level}STUDY", "AccessionNumber=ACC2")) == ["ACC2"]
+    assert accessions(ask("-S", f"{level}STUDY", "PatientName=Doe^Jan?", "AccessionNumber")) == [
+        "ACC3"
+    ]
+    assert accessions(ask("-S", f"{level}STUDY", "StudyDate=20260301-", "AccessionNumber")) == [
+        "ACC3",
+        "ACC4",
+    ]
+    assert accessions(ask("-S", f"{level}STUDY", "StudyDate=-20260110", "AccessionNumber")) == [
+        "ACC1"
+    ]
+    (answer,) = ask("-S", f"{level}SERIES", f"StudyInstanceUID={study}", "Modality")
+    assert answer.Modality == "CT"
+    # a list of UIDs at IMAGE level
+    images = ask(
+        "-S",
+        f"{level}IMAGE",
+        f"StudyInstanceUID={study}",
+        f"SeriesInstanceUID={series}",
+        f"SOPInstanceUID={two}",
+    )
+    assert sorted(str(i.SOPInstanceUID) for i in images) == sorted(two.split("\\"))
+    # Patient Root at the STUDY, SERIES and IMAGE levels
+    (answer,) = ask("-P", f"{level}STUDY", "PatientID=P2", "AccessionNumber")
+    assert answer.AccessionNumber == "ACC3"
+    (answer,) = ask(
+        "-P", f"{level}SERIES", "PatientID=P1", f"StudyInstanceUID={study}", "SeriesInstanceUID"
+    )
+    assert answer.SeriesInstanceUID == series
+    images = ask(
+        "-P",
+        f"{level}IMAGE",
+        "PatientID=P1",
+        f"StudyInstanceUID={study}",
+        f"SeriesInstanceUID={series}",
+        "InstanceNumber",
+    )
+    assert sorted(int(i.InstanceNumber) for i in images) == [1, 2, 3]
