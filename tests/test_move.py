@@ -226,7 +226,7 @@ def test_a_destination_that_is_down_fails_every_sub_operation(
 
 
 @pytest.mark.skipif(
-    TRANSPORT == "pynetdicom", reason="decompression on retrieval is the native transport's"
+    TRANSPORT == "pynetdicom", reason="C-MOVE decompression is the native transport's (pynetdicom runs the sub-association)"
 )
 def test_compressed_instances_are_decompressed_for_a_destination_that_wants_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -384,3 +384,71 @@ def test_get_without_the_scp_role_fails_its_sub_operations(
     final = responses[-1]
     assert final.Status not in (status.SUCCESS, status.PENDING)
     assert final.get("NumberOfCompletedSuboperations", 0) == 0
+
+
+def test_get_decompresses_for_a_requestor_that_takes_only_explicit_little_endian(
+    tmp_path: Path,
+) -> None:
+    """A C-GET requestor offering MR storage (SCP role) in Explicit VR Little Endian only
+    gets the JPEG-LS, JPEG 2000 and RLE instances decompressed, pixels as pydicom's."""
+    originals = []
+    for name in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"):
+        path = get_testdata_file(name)
+        assert path is not None
+        ds = dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        originals.append(ds)
+    engine = Engine(tmp_path / "engine").start()
+    arrived: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        arrived.append(ds)
+        return status.SUCCESS
+
+    try:
+        sender = AE(ae_title="MODALITY")
+        for ds in originals:
+            sender.add_requested_context(MRImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
+        assoc = sender.associate("127.0.0.1", engine.port, ae_title=engine.ae_title)
+        assert assoc.is_established
+        try:
+            for ds in originals:
+                assert assoc.send_c_store(ds).Status == status.SUCCESS
+        finally:
+            assoc.release()
+        ae = AE(ae_title="GETSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate(
+            "127.0.0.1",
+            engine.port,
+            ae_title=engine.ae_title,
+            ext_neg=[build_role(MRImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        assert assoc.is_established
+        try:
+            identifier = series_identifier(originals[0])
+            responses = [
+                rsp
+                for rsp, _ in assoc.send_c_get(
+                    identifier, StudyRootQueryRetrieveInformationModelGet
+                )
+            ]
+        finally:
+            assoc.release()
+    finally:
+        engine.stop()
+    assert responses[-1].Status == status.SUCCESS
+    assert responses[-1].NumberOfCompletedSuboperations == 3
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in arrived}
+    assert set(by_uid) == {str(ds.SOPInstanceUID) for ds in originals}
+    for original in originals:
+        copy = by_uid[str(original.SOPInstanceUID)]
+        assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert (copy.pixel_array == original.pixel_array).all(), (
+            original.file_meta.TransferSyntaxUID
+        )

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from engine.codecs import Decoder
 from engine.config import DicomConfig, IngestConfig, TransportKind
-from engine.dicom.qr import QueryEngine, QueryService
+from engine.dicom.qr import Decompressor, QueryEngine, QueryService
 from engine.dicom.scp import StoreSCP
 from engine.dicom.server import NativeServer
 from engine.dicom.services import Services
@@ -27,9 +27,14 @@ class ThreadedListener:
     """pynetdicom's threaded server; its blocking calls run off the loop."""
 
     def __init__(
-        self, config: DicomConfig, receiver: Receiver, query: QueryEngine | None = None
+        self,
+        config: DicomConfig,
+        receiver: Receiver,
+        query: QueryEngine | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
-        self.scp = StoreSCP(config, receiver, query)
+        decompress = Decompressor(decoder, asyncio.get_running_loop()) if decoder else None
+        self.scp = StoreSCP(config, receiver, query, decompress)
 
     @property
     def port(self) -> int:
@@ -61,4 +66,4 @@ def make_listener(
             QueryService(query, dicom.peers, dicom.ae_title, decoder) if query else None,
         )
         return NativeServer(dicom, services)
-    return ThreadedListener(dicom, receiver, query)
+    return ThreadedListener(dicom, receiver, query, decoder)

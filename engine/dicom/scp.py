@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom import dcmread
@@ -32,6 +32,7 @@ from engine.dicom.qr import (
     GET_MODELS,
     MOVE_MODELS,
     QUERY_RETRIEVE_CLASSES,
+    UNCOMPRESSED,
     QueryEngine,
 )
 from engine.dicom.store_scu import Instance, plan_contexts
@@ -60,15 +61,37 @@ def response(result: Result) -> int | Dataset:
     return rsp
 
 
-def _sub_operations(event: evt.Event, instances: list[Instance]) -> Iterator[Any]:
-    """(status, dataset) per instance for pynetdicom's C-MOVE/C-GET machinery."""
+def _sub_operations(
+    event: evt.Event,
+    instances: list[Instance],
+    decompress: Callable[[Instance], Dataset] | None = None,
+) -> Iterator[Any]:
+    """(status, dataset) per instance for pynetdicom's C-MOVE/C-GET machinery.
+
+    With ``decompress`` (C-GET, whose contexts are known here): a compressed instance
+    whose syntax the requestor did not accept, but an uncompressed one, goes decompressed.
+    """
+    accepted = {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in event.assoc.accepted_contexts
+    }
     for instance in instances:
         if event.is_cancelled:
             yield status.CANCEL, None
             return
+        stored = (instance.sop_class_uid, instance.transfer_syntax) in accepted
+        plain = any((instance.sop_class_uid, ts) in accepted for ts in UNCOMPRESSED)
         try:
-            yield status.PENDING, dcmread(instance.path)
-        except OSError as exc:
+            if (
+                decompress is not None
+                and not stored
+                and plain
+                and (instance.transfer_syntax not in UNCOMPRESSED)
+            ):
+                yield status.PENDING, decompress(instance)
+            else:
+                yield status.PENDING, dcmread(instance.path)
+        except Exception as exc:  # a file or a decoder failure is this instance's alone
             log.error("cannot read %s for a retrieval: %s", instance.path, exc)
             failed = Dataset()
             failed.SOPInstanceUID = instance.sop_instance_uid
@@ -89,11 +112,16 @@ class StoreSCP:
     """The listening AE: one object per running engine."""
 
     def __init__(
-        self, config: DicomConfig, receiver: Receiver, query: QueryEngine | None = None
+        self,
+        config: DicomConfig,
+        receiver: Receiver,
+        query: QueryEngine | None = None,
+        decompress: Callable[[Instance], Dataset] | None = None,
     ) -> None:
         self.config = config
         self.receiver = receiver
         self.query = query
+        self.decompress = decompress
         ae = AE(ae_title=config.ae_title)
         ae.maximum_associations = config.maximum_associations
         ae.maximum_pdu_size = config.maximum_pdu_size
@@ -241,7 +269,7 @@ class StoreSCP:
         instances = self.query.instances(model, event.identifier)
         log.info("C-GET: %d instances", len(instances))
         yield len(instances)
-        yield from _sub_operations(event, instances)
+        yield from _sub_operations(event, instances, self.decompress)
 
     def handle_accepted(self, event: evt.Event) -> None:
         o = origin_of(event)
