@@ -226,7 +226,8 @@ def test_a_destination_that_is_down_fails_every_sub_operation(
 
 
 @pytest.mark.skipif(
-    TRANSPORT == "pynetdicom", reason="C-MOVE decompression is the native transport's (pynetdicom runs the sub-association)"
+    TRANSPORT == "pynetdicom",
+    reason="C-MOVE decompression is the native transport's (pynetdicom runs the sub-association)",
 )
 def test_compressed_instances_are_decompressed_for_a_destination_that_wants_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
