@@ -225,6 +225,60 @@ def test_a_destination_that_is_down_fails_every_sub_operation(
         assert final.NumberOfCompletedSuboperations == 0
 
 
+def compressed_originals() -> list[Dataset]:
+    """pydicom's JPEG-LS, JPEG 2000 and RLE MR images, each with a UID of its own."""
+    originals = []
+    for name in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"):
+        path = get_testdata_file(name)
+        assert path is not None
+        ds = dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        originals.append(ds)
+    return originals
+
+
+def store_in_their_syntaxes(engine: Engine, originals: list[Dataset]) -> None:
+    sender = AE(ae_title="MODALITY")
+    for ds in originals:
+        sender.add_requested_context(MRImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = sender.associate("127.0.0.1", engine.port, ae_title=engine.ae_title)
+    assert assoc.is_established
+    try:
+        for ds in originals:
+            assert assoc.send_c_store(ds).Status == status.SUCCESS
+    finally:
+        assoc.release()
+
+
+def assert_decompressed(arrived: list[Dataset], originals: list[Dataset]) -> None:
+    """Every original arrived in Explicit VR Little Endian with pydicom's decoded pixels."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in arrived}
+    assert set(by_uid) == {str(ds.SOPInstanceUID) for ds in originals}
+    for original in originals:
+        copy = by_uid[str(original.SOPInstanceUID)]
+        assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert (copy.pixel_array == original.pixel_array).all(), (
+            original.file_meta.TransferSyntaxUID
+        )
+
+
+def test_a_move_of_a_list_of_images(
+    engine: tuple[Engine, list[list[Dataset]]], destination: tuple[int, Path]
+) -> None:
+    """IMAGE level with a list of SOP Instance UIDs: exactly those are sent."""
+    eng, studies = engine
+    _, folder = destination
+    wanted = studies[1][:2]
+    identifier = series_identifier(wanted[0])
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.SOPInstanceUID = [str(ds.SOPInstanceUID) for ds in wanted]
+    responses = pynetdicom_move(eng, identifier, "DEST", StudyRootQueryRetrieveInformationModelMove)
+    assert responses[-1].Status == status.SUCCESS
+    assert responses[-1].NumberOfCompletedSuboperations == 2
+    uids = {str(ds.SOPInstanceUID) for ds in wanted}
+    assert set(received(folder, uids)) == uids
+
+
 @pytest.mark.skipif(
     TRANSPORT == "pynetdicom",
     reason="C-MOVE decompression is the native transport's (pynetdicom runs the sub-association)",
@@ -249,29 +303,14 @@ def test_compressed_instances_are_decompressed_for_a_destination_that_wants_it(
     server = scp.start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
-    originals = []
-    for name in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"):
-        path = get_testdata_file(name)
-        assert path is not None
-        ds = dcmread(path)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        originals.append(ds)
+    originals = compressed_originals()
     peers = f'\n[[dicom.peers]]\nae_title = "ONLYLE"\nhost = "127.0.0.1"\nport = {port}\n'
     engine = Engine(tmp_path / "engine")
     assert engine.config_path is not None
     engine.config_path.write_text(engine.config_path.read_text() + peers)
     engine.start()
     try:
-        sender = AE(ae_title="MODALITY")
-        for ds in originals:
-            sender.add_requested_context(MRImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
-        assoc = sender.associate("127.0.0.1", engine.port, ae_title=engine.ae_title)
-        assert assoc.is_established
-        try:
-            for ds in originals:
-                assert assoc.send_c_store(ds).Status == status.SUCCESS
-        finally:
-            assoc.release()
+        store_in_their_syntaxes(engine, originals)
         responses = pynetdicom_move(
             engine,
             series_identifier(originals[0]),
@@ -283,14 +322,7 @@ def test_compressed_instances_are_decompressed_for_a_destination_that_wants_it(
     finally:
         engine.stop()
         server.shutdown()
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in arrived}
-    assert set(by_uid) == {str(ds.SOPInstanceUID) for ds in originals}
-    for original in originals:
-        copy = by_uid[str(original.SOPInstanceUID)]
-        assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-        assert (copy.pixel_array == original.pixel_array).all(), (
-            original.file_meta.TransferSyntaxUID
-        )
+    assert_decompressed(arrived, originals)
 
 
 # -- C-GET: the instances come back on the requestor's own association ----------------
@@ -392,13 +424,7 @@ def test_get_decompresses_for_a_requestor_that_takes_only_explicit_little_endian
 ) -> None:
     """A C-GET requestor offering MR storage (SCP role) in Explicit VR Little Endian only
     gets the JPEG-LS, JPEG 2000 and RLE instances decompressed, pixels as pydicom's."""
-    originals = []
-    for name in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"):
-        path = get_testdata_file(name)
-        assert path is not None
-        ds = dcmread(path)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        originals.append(ds)
+    originals = compressed_originals()
     engine = Engine(tmp_path / "engine").start()
     arrived: list[Dataset] = []
 
@@ -409,16 +435,7 @@ def test_get_decompresses_for_a_requestor_that_takes_only_explicit_little_endian
         return status.SUCCESS
 
     try:
-        sender = AE(ae_title="MODALITY")
-        for ds in originals:
-            sender.add_requested_context(MRImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
-        assoc = sender.associate("127.0.0.1", engine.port, ae_title=engine.ae_title)
-        assert assoc.is_established
-        try:
-            for ds in originals:
-                assert assoc.send_c_store(ds).Status == status.SUCCESS
-        finally:
-            assoc.release()
+        store_in_their_syntaxes(engine, originals)
         ae = AE(ae_title="GETSCU")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
@@ -445,11 +462,4 @@ def test_get_decompresses_for_a_requestor_that_takes_only_explicit_little_endian
         engine.stop()
     assert responses[-1].Status == status.SUCCESS
     assert responses[-1].NumberOfCompletedSuboperations == 3
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in arrived}
-    assert set(by_uid) == {str(ds.SOPInstanceUID) for ds in originals}
-    for original in originals:
-        copy = by_uid[str(original.SOPInstanceUID)]
-        assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-        assert (copy.pixel_array == original.pixel_array).all(), (
-            original.file_meta.TransferSyntaxUID
-        )
+    assert_decompressed(arrived, originals)

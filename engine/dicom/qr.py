@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -42,7 +42,7 @@ from engine.config import PeerConfig, QueryConfig
 from engine.dicom import dimse
 from engine.dicom.dimse import CommandField
 from engine.dicom.services import Request, StoreChannel
-from engine.dicom.store_scu import STORE_WARNINGS, Destination, Instance, Progress, send
+from engine.dicom.store_scu import Destination, Instance, Progress, send
 from engine.query.find import Model, QueryError, plan, run
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ class QueryEngine:
             )
         keyword, column = _UNIQUE_KEYS[level]
         value = identifier.get(keyword)
-        values = [str(v).strip() for v in (value if isinstance(value, list) else [value])]
-        values = [v for v in values if v and v != "None"]
+        listed = [] if value is None else [value] if isinstance(value, str) else list(value)
+        values = [text for v in listed if (text := str(v).strip())]
         if not values:
             raise QueryError(
                 status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
@@ -177,23 +177,29 @@ _META_START = 132
 _GROUP_LENGTH = struct.Struct("<HH2sHL")
 
 
+def stored_dataset(instance: Instance) -> bytes:
+    """The dataset bytes of a file the engine stored (after its file meta group)."""
+    raw = instance.path.read_bytes()
+    _, _, _, _, length = _GROUP_LENGTH.unpack_from(raw, _META_START)
+    return raw[_META_START + _GROUP_LENGTH.size + length :]
+
+
 class Decompressor:
     """Decompression of a stored instance for a destination that takes only uncompressed
     syntaxes: the engine's decoder process pool (``codecs.Decoder``, started on first
-    use), called from the C-STORE SCU's worker thread."""
+    use), called from a worker thread (the C-STORE SCU's, or pynetdicom's)."""
 
     def __init__(self, decoder: codecs.Decoder, loop: asyncio.AbstractEventLoop) -> None:
         self.decoder = decoder
         self.loop = loop
 
     def __call__(self, instance: Instance) -> Dataset:
-        raw = instance.path.read_bytes()
-        _, _, _, _, length = _GROUP_LENGTH.unpack_from(raw, _META_START)
-        start = _META_START + _GROUP_LENGTH.size + length
-        work = self.decoder.process(raw[start:], instance.transfer_syntax, True)
+        work = self.decoder.process(stored_dataset(instance), instance.transfer_syntax, True)
         data, syntax = asyncio.run_coroutine_threadsafe(work, self.loop).result()
         ds = decode_identifier(data, syntax)
-        ds.file_meta = read_file_meta_info(instance.path)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = UID(instance.sop_class_uid)
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(instance.sop_instance_uid)
         ds.file_meta.TransferSyntaxUID = UID(syntax)
         return ds
 
@@ -339,17 +345,12 @@ class QueryService:
         key = (origin.peer_ip, origin.peer_port, message_id)
         self._running[key] = False
         loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[Progress] = asyncio.Queue()
+        # Progress copies from the SCU's thread, then None once it has returned (both
+        # arrive through the loop's callback queue, in that order).
+        updates: asyncio.Queue[Progress | None] = asyncio.Queue()
 
         def progressed(progress: Progress) -> None:
-            snapshot = Progress(
-                progress.remaining,
-                progress.completed,
-                progress.failed,
-                progress.warning,
-                list(progress.failed_uids),
-            )
-            loop.call_soon_threadsafe(updates.put_nowait, snapshot)
+            loop.call_soon_threadsafe(updates.put_nowait, progress)
 
         try:
             job = asyncio.ensure_future(
@@ -365,13 +366,8 @@ class QueryService:
                     decompress=Decompressor(self.decoder, loop) if self.decoder else None,
                 )
             )
-            while not job.done() or not updates.empty():
-                waiter = asyncio.ensure_future(updates.get())
-                await asyncio.wait({job, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiter.done():
-                    waiter.cancel()
-                    continue
-                progress = waiter.result()
+            job.add_done_callback(lambda _: updates.put_nowait(None))
+            while (progress := await updates.get()) is not None:
                 if progress.remaining:
                     yield response(status.PENDING, progress), None
             final = await job
@@ -416,14 +412,7 @@ class QueryService:
                 if self._running[key]:
                     break
                 result = await self._get_one(channel, instance, decompress)
-                progress.remaining -= 1
-                if result == status.SUCCESS:
-                    progress.completed += 1
-                elif result in STORE_WARNINGS:
-                    progress.warning += 1
-                else:
-                    progress.failed += 1
-                    progress.failed_uids.append(instance.sop_instance_uid)
+                progress.count(instance.sop_instance_uid, result)
                 if progress.remaining:
                     yield response(status.PENDING, progress), None
         finally:
@@ -505,12 +494,10 @@ def failed_list(progress: Progress, transfer_syntax: str) -> bytes | None:
 
 def dataset_in(instance: Instance, syntax: str, decompress: Decompressor | None) -> bytes:
     """A stored instance's dataset encoded in ``syntax`` (blocking: a worker thread)."""
-    raw = instance.path.read_bytes()
-    _, _, _, _, length = _GROUP_LENGTH.unpack_from(raw, _META_START)
-    data = raw[_META_START + _GROUP_LENGTH.size + length :]
     if syntax == instance.transfer_syntax:
-        return data
+        return stored_dataset(instance)
     if instance.transfer_syntax in UNCOMPRESSED:
+        data = stored_dataset(instance)
         return encode_identifier(decode_identifier(data, instance.transfer_syntax), syntax)
     if decompress is None:
         raise ValueError(f"{instance.transfer_syntax} would need decompressing")

@@ -115,6 +115,17 @@ class Progress:
     def copy(self) -> Progress:
         return dataclasses.replace(self, failed_uids=list(self.failed_uids))
 
+    def count(self, sop_instance_uid: str, code: int) -> None:
+        """One sub-operation ended with this C-STORE-RSP status."""
+        self.remaining -= 1
+        if code == status.SUCCESS:
+            self.completed += 1
+        elif code in STORE_WARNINGS:
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(sop_instance_uid)
+
 
 class Route(Enum):
     """How an instance goes out on the negotiated association, or why it cannot."""

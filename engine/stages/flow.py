@@ -70,16 +70,24 @@ async def take_batch(queue: asyncio.Queue[Item | Stop], cap: int) -> tuple[list[
             return batch, False
 
 
+def _discard_all(dropped: list[Received]) -> None:
+    for received in dropped:
+        received.discard()
+
+
 async def forward(outbox: asyncio.Queue[Item | Stop], batch: list[Item], stop: bool) -> None:
     """Pass the unresolved items on, then the Stop marker if it was seen.
 
     An item already answered (a duplicate, or a sender that gave up waiting) goes
     no further, unless its file is written: then the index must still see it.
     """
+    dropped = []
     for item in batch:
         if not item.done or item.path is not None:
             await outbox.put(item)
         else:
-            item.received.discard()  # answered without a file of its own: drop its temp file
+            dropped.append(item.received)  # answered without a file of its own
+    if dropped:  # their temp files go, off the loop (a NAS unlink is a round trip)
+        await asyncio.to_thread(_discard_all, dropped)
     if stop:
         await outbox.put(STOP)
