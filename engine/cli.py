@@ -25,6 +25,7 @@ from engine.index.sqlite import SQLiteIndex, stats_of
 from engine.pipeline import Pipeline
 from engine.recovery import recover
 from engine.storage.area import StorageArea
+from engine.web.server import DicomWebServer
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,20 @@ async def serve(
                 pipeline.decoder,
             )
             await listener.start()
+            web = None
+            if config.dicomweb is not None:
+                web = DicomWebServer(config, config.dicomweb, pipeline.receiver, pipeline.decoder)
             try:
+                if web is not None:
+                    await web.start()
                 log.info("engine ready: storage %s, index %s", storage.root, index.path)
                 if on_ready is not None:
                     on_ready(pipeline, listener)
                 await stop.wait()
                 log.info("stopping: no new associations; finishing what is in flight")
             finally:
+                if web is not None:
+                    await web.stop()
                 await listener.stop(config.dicom.shutdown_grace)
             log.info("ingest summary: %s", orjson.dumps(pipeline.receiver.summary()).decode())
         storage.mark_clean()

@@ -141,6 +141,29 @@ class QueryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DicomWebConfig:
+    """The DICOMweb server (QIDO-RS, WADO-RS, STOW-RS); it runs only when the config file
+    has a ``[dicomweb]`` section."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Path prefix of every DICOMweb resource (the "service root" a viewer is given).
+    base_path: str = "/dicom-web"
+    # Origins whose web pages may call the server (CORS): ["*"] for any, [] for none
+    # (a viewer served from the same origin needs none).
+    cors_origins: tuple[str, ...] = ()
+    # Authentication: with a bearer_token, requests must carry "Authorization: Bearer
+    # <token>"; with a username and password, HTTP basic authentication. Both empty: open.
+    bearer_token: str = ""
+    username: str = ""
+    password: str = ""
+    # Largest STOW-RS request body accepted, in bytes (larger: 413).
+    max_request_size: int = 4 * 1024 * 1024 * 1024
+    # Matches a QIDO-RS search answers when the request gives no limit (and at most).
+    max_results: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
 
@@ -153,6 +176,8 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    # None: no [dicomweb] section, no HTTP listener.
+    dicomweb: DicomWebConfig | None = None
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -203,7 +228,9 @@ def _convert(hint: Any, value: Any, key: str, base: Path) -> Any:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, list):
-            raise ConfigError(f"'{key}' must be a list of tables ([[{key}]])")
+            if dataclasses.is_dataclass(args[0]):
+                raise ConfigError(f"'{key}' must be a list of tables ([[{key}]])")
+            raise ConfigError(f"'{key}' must be a list, not {value!r}")
         return tuple(_convert(args[0], item, f"{key}[{n}]", base) for n, item in enumerate(value))
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
@@ -278,6 +305,25 @@ def _check(config: Config) -> None:
             raise ConfigError(f"'{where}.port' must be between 1 and 65535, not {peer.port}")
         if not peer.host:
             raise ConfigError(f"'{where}.host' must not be empty")
+    web = config.dicomweb
+    if web is not None:
+        if not 0 <= web.port < 65536:
+            raise ConfigError(f"'dicomweb.port' must be between 0 and 65535, not {web.port}")
+        if web.base_path and (not web.base_path.startswith("/") or web.base_path.endswith("/")):
+            raise ConfigError(
+                "'dicomweb.base_path' must be empty or start with / and not end with one,"
+                f" not {web.base_path!r}"
+            )
+        if bool(web.username) != bool(web.password):
+            raise ConfigError("'dicomweb.username' and 'dicomweb.password' go together")
+        if web.bearer_token and web.username:
+            raise ConfigError("choose one of 'dicomweb.bearer_token' and 'dicomweb.username'")
+        for key, value in (
+            ("dicomweb.max_request_size", web.max_request_size),
+            ("dicomweb.max_results", web.max_results),
+        ):
+            if value <= 0:
+                raise ConfigError(f"'{key}' must be greater than 0, not {value}")
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             f"'log.level' must be DEBUG, INFO, WARNING or ERROR, not {config.log.level!r}"

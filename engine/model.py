@@ -77,6 +77,9 @@ class Validated:
     # The received dataset's temp file, stored as it is (renamed into place); None
     # when ``payload`` is what gets written.
     spooled: Spooled | None = None
+    # The stored dataset up to its pixel data, kept in the index for metadata queries
+    # (None: too long or not cut; metadata then comes from the file).
+    header: bytes | None = None
 
 
 class Outcome(enum.Enum):

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -44,6 +43,7 @@ from engine.dicom.dimse import CommandField
 from engine.dicom.services import Request, StoreChannel
 from engine.dicom.store_scu import Destination, Instance, Progress, send
 from engine.query.find import Model, QueryError, plan, run
+from engine.storage import part10
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +171,10 @@ def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
     return data
 
 
-# Part 10: 128-byte preamble, "DICM", then the File Meta group, whose first element
-# (0002,0000) UL holds the length of the rest of the group (tag 4, VR 2, length 2, value 4).
-_META_START = 132
-_GROUP_LENGTH = struct.Struct("<HH2sHL")
-
-
 def stored_dataset(instance: Instance) -> bytes:
     """The dataset bytes of a file the engine stored (after its file meta group)."""
     raw = instance.path.read_bytes()
-    _, _, _, _, length = _GROUP_LENGTH.unpack_from(raw, _META_START)
-    return raw[_META_START + _GROUP_LENGTH.size + length :]
+    return raw[part10.dataset_offset(raw) :]
 
 
 class Decompressor:

@@ -22,6 +22,8 @@ class InstanceRow:
     calling_ae: str
     called_ae: str
     peer_ip: str
+    # The dataset up to its pixel data, for metadata (None: not kept, read the file).
+    header: bytes | None = None
 
     @property
     def sop_instance_uid(self) -> str:

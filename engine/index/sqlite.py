@@ -67,6 +67,8 @@ _REPLACE_INSTANCE = (
     + ", ".join(f"{c} = ?" for c in [*_INSTANCE_COLS, *_FILE_COLS])
     + " WHERE sop_instance_uid = ?"
 )
+_PUT_HEADER = "INSERT OR REPLACE INTO instance_headers (sop_instance_uid, header) VALUES (?, ?)"
+_DROP_HEADER = "DELETE FROM instance_headers WHERE sop_instance_uid = ?"
 _INSERT_QUARANTINE = _insert(
     "quarantine",
     [
@@ -374,6 +376,13 @@ class SQLiteIndex:
             db.executemany(
                 _REPLACE_INSTANCE, [[*_instance_values(r), r.sop_instance_uid] for r in replaces]
             )
+        if written:
+            db.executemany(
+                _PUT_HEADER, [(r.sop_instance_uid, r.header) for r in written if r.header]
+            )
+            db.executemany(
+                _DROP_HEADER, [(r.sop_instance_uid,) for r in replaces if not r.header]
+            )
         if touched_series:
             db.executemany(_RECOUNT_SERIES, list(touched_series.items()))
             db.executemany(_RECOUNT_STUDY, list(touched_studies.items()))
@@ -385,6 +394,7 @@ class SQLiteIndex:
         db = self.writer
         found = self._select_existing(sop_instance_uids)
         db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", [[u] for u in found])
+        db.executemany(_DROP_HEADER, [[u] for u in found])
         series = {v[2] for v in found.values()}
         studies = {v[3] for v in found.values()}
         db.executemany(_RECOUNT_SERIES, [(s, 0.0) for s in series])

@@ -190,13 +190,18 @@ def _match(key: Key, tables: Tables, values: list[str], fuzzy: bool) -> matching
     return matching.Condition(tables.expand(key.exists).replace("{match}", inner.sql), inner.params)
 
 
-def plan(model: Model, identifier: Dataset, *, fuzzy_names: bool = False) -> Plan:
+def plan(
+    model: Model, identifier: Dataset, *, fuzzy_names: bool = False, relational: bool = False
+) -> Plan:
     """Check a C-FIND identifier and build its query; raises QueryError.
 
-    ``fuzzy_names``: person names match case-insensitively.
+    ``fuzzy_names``: person names match case-insensitively. ``relational``: the unique
+    keys above the query level may be absent or matched like any other key (QIDO-RS
+    searches all series or all instances; C-FIND's baseline is hierarchical).
     """
     level = _level(model, identifier)
-    _check_hierarchy(model, level, identifier)
+    if not relational:
+        _check_hierarchy(model, level, identifier)
     tables = Tables(level)
     selects: dict[str, int] = {}
     where: list[str] = []
@@ -284,15 +289,22 @@ class Matches(Iterator[Dataset]):
             self._cursor = None
 
 
-def run(db: sqlite3.Connection, plan: Plan, limit: int | None = None) -> Matches:
+def run(db: sqlite3.Connection, plan: Plan, limit: int | None = None, offset: int = 0) -> Matches:
     """Execute ``plan`` on ``db`` (a SELECT only): the response identifiers, lazily.
 
     ``limit``: yield at most this many; ``Matches.limit_hit`` says whether there
-    were more (one more row is read to know it).
+    were more (one more row is read to know it). ``offset``: skip that many matches.
     """
+    sql, params = limited(plan, None if limit is None else limit + 1, offset)
+    return Matches(db.execute(sql, params), plan, limit)
+
+
+def limited(plan: Plan, limit: int | None, offset: int = 0) -> tuple[str, tuple[object, ...]]:
+    """``plan``'s SQL and parameters, returning at most ``limit`` rows after ``offset``."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must not be negative: {limit}")
-    sql, params = plan.sql, plan.params
-    if limit is not None:
-        sql, params = f"{sql} LIMIT ?", (*params, limit + 1)
-    return Matches(db.execute(sql, params), plan, limit)
+    if offset < 0:
+        raise ValueError(f"offset must not be negative: {offset}")
+    if limit is None and not offset:
+        return plan.sql, plan.params
+    return f"{plan.sql} LIMIT ? OFFSET ?", (*plan.params, -1 if limit is None else limit, offset)

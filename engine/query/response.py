@@ -50,6 +50,46 @@ def _value(stored: Any, vr: str) -> Any:
     return str(stored)  # an IS as the integer's text
 
 
+_JSON_INTEGER_VRS = _BINARY_INTEGER_VRS | {"IS"}
+_JSON_NUMBER_VRS = frozenset({"DS", "FL", "FD"})
+
+
+def _json_value(stored: Any, vr: str) -> list[Any] | None:
+    """A stored value as a DICOM JSON "Value" list (PS3.18 F.2.3); None if empty."""
+    if stored is None or stored == "" or vr == "SQ":
+        return None
+    texts = str(stored).split("\\")
+    try:
+        if vr in _JSON_INTEGER_VRS:
+            return [int(text) if text.strip() else None for text in texts]
+        if vr in _JSON_NUMBER_VRS:
+            return [float(text) if text.strip() else None for text in texts]
+    except ValueError:
+        return [text.strip() for text in texts]  # as received: never stop a query
+    if vr == "PN":
+        return [_person_name(text) for text in texts]
+    return [text if text else None for text in texts]
+
+
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def _person_name(text: str) -> dict[str, str]:
+    return {group: part for group, part in zip(_PN_GROUPS, text.split("="), strict=False) if part}
+
+
+def respond_json(returns: Sequence[ReturnKey], row: Sequence[Any]) -> dict[str, Any]:
+    """The DICOM JSON object (PS3.18 annex F) of one result row, for QIDO-RS."""
+    result: dict[str, Any] = {}
+    for key in returns:
+        element: dict[str, Any] = {"vr": key.vr}
+        value = _json_value(row[key.column], key.vr) if key.column is not None else None
+        if value is not None:
+            element["Value"] = value
+        result[f"{key.tag:08X}"] = element
+    return result
+
+
 def respond(
     level: str, returns: Sequence[ReturnKey], charset: str | None, row: Sequence[Any]
 ) -> Dataset:

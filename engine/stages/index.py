@@ -39,6 +39,7 @@ def instance_row(item: Item) -> InstanceRow:
         calling_ae=origin.calling_ae,
         called_ae=origin.called_ae,
         peer_ip=origin.peer_ip,
+        header=v.header,
     )
 
 

@@ -380,6 +380,27 @@ def _parse_spooled(spooled: Spooled, transfer_syntax: str) -> Header:
     return parse_complete(spooled.read_dataset(), transfer_syntax)
 
 
+# Longest header kept in the index for metadata queries (a CT header is 1-4 KB).
+HEADER_KEPT_MAX = 64 * 1024
+# Bytes before a pixel data element's value: tag, (VR, reserved,) length (PS3.5 7.1).
+_ELEMENT_HEADER = {True: 8, False: 12}
+
+
+def header_bytes(data: bytes, transfer_syntax: str, header: Header) -> bytes | None:
+    """The dataset up to (not including) its pixel data element, from ``data`` (the whole
+    dataset or its first bytes); None when that is longer than ``HEADER_KEPT_MAX``, not
+    all in ``data``, or the dataset is deflated (offsets are in the inflated bytes)."""
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return None
+    if header.pixel_tag is None:
+        end = len(data)  # no pixel data: the whole dataset, if it is all here
+    else:
+        end = header.pixel_at - _ELEMENT_HEADER[UID(transfer_syntax).is_implicit_VR]
+    if end > HEADER_KEPT_MAX or end > len(data) or end <= 0:
+        return None
+    return data[:end]
+
+
 def validate(received: Received) -> Validated:
     """Header-only validation of one received instance. Raises ``Rejection``."""
     if not received.size:
@@ -388,9 +409,14 @@ def validate(received: Received) -> Validated:
     if spooled is not None:
         header = _parse_spooled(spooled, received.transfer_syntax)
         digest = spooled.digest  # hashed as it arrived
+        complete = spooled.size == len(spooled.head)
+        kept = header_bytes(spooled.head, received.transfer_syntax, header)
+        if kept is not None and header.pixel_tag is None and not complete:
+            kept = None  # no pixel data and only the head here: not the whole dataset
     else:
         header = parse_complete(received.data, received.transfer_syntax)
         digest = content_digest.of(received.data)
+        kept = header_bytes(received.data, received.transfer_syntax, header)
     attributes = header.attributes
     if attributes is not None:
         texts = {keyword: attributes[column] for column, keyword in _UID_COLUMNS.items()}
@@ -406,6 +432,7 @@ def validate(received: Received) -> Validated:
         payload=received.data,
         payload_syntax=received.transfer_syntax,
         spooled=spooled,
+        header=kept,
     )
 
 
@@ -452,6 +479,11 @@ async def _decode(item: Item, config: IngestConfig, decoder: codecs.Decoder) -> 
         log.exception("decoder failed for %s", item.received.sop_instance_uid)
         item.reject(Outcome.PROCESSING_FAILURE, f"internal error in the decoder: {exc!r}")
         return
+    if syntax != validated.payload_syntax:  # transcoded: keep the new dataset's header
+        try:
+            validated.header = header_bytes(payload, syntax, parse_complete(payload, syntax))
+        except Rejection:
+            validated.header = None
     validated.payload = payload
     validated.payload_syntax = syntax
 

@@ -72,3 +72,19 @@ def header(
     )
     length = _SHORT.pack(_GROUP, 0x0000, b"UL", 4) + struct.pack("<L", len(body))
     return PREAMBLE + length + body
+
+
+# (0002,0000) UL right after the preamble and prefix: tag 4, VR 2, length 2, value 4.
+_GROUP_LENGTH = struct.Struct("<HH2sHL")
+_META_START = len(PREAMBLE)
+
+
+def dataset_offset(raw: bytes) -> int:
+    """Where the dataset starts in a Part 10 file the engine wrote (after its meta group,
+    which always begins with its group length). Raises ``ValueError`` for other files."""
+    if raw[_META_START - 4 : _META_START] != b"DICM":
+        raise ValueError("not a DICOM Part 10 file")
+    group, element, vr, _, length = _GROUP_LENGTH.unpack_from(raw, _META_START)
+    if (group, element, vr) != (_GROUP, 0x0000, b"UL"):
+        raise ValueError("the file meta group does not start with its group length")
+    return _META_START + _GROUP_LENGTH.size + int(length)
