@@ -12,7 +12,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from engine import config as config_module
 from engine import status
-from engine.config import Config
+from engine.config import Config, DicomWebConfig
 from tests.burst import Burst, burst_datasets, check_store, close_socket, raw_socket, restart
 from tests.helpers import REPO, Engine, serve_until_exit, write_config
 
@@ -166,7 +166,9 @@ def test_repository_config_loads_and_documents_every_key() -> None:
     assert config.index.path == REPO / "data" / "index.sqlite"
     # Every other value shown is the default.
     shown = config_module.describe(config)
-    defaults = config_module.describe(Config())
+    # [dicomweb] is optional (None by default); the file has it, with every default.
+    assert config.dicomweb is not None
+    defaults = config_module.describe(Config(dicomweb=DicomWebConfig()))
     for section, values in defaults.items():
         for key, default in values.items():
             if key != "path":
