@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import generate, index, profile, report
-from bench.peers import PEERS, EnginePeer, available
+from bench import generate, index, metadata, profile, report
+from bench.peers import ORTHANC_DICOMWEB_PLUGIN, PEERS, EnginePeer, available
 from bench.replay import Scenario, run_once
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,10 @@ def _progress(label: str) -> Any:
 def setup() -> int:
     """Install the rivals from Debian's packages; a rival that cannot be had is skipped."""
     missing = [pkg for name, pkg in RIVAL_PACKAGES.items() if available(name) is not None]
+    if not ORTHANC_DICOMWEB_PLUGIN.is_file():
+        missing.append("orthanc-dicomweb")  # for ``bench metadata``
     if not missing:
-        print("rivals already installed: Orthanc, dcmtk")
+        print("rivals already installed: Orthanc with its DICOMweb plugin, dcmtk")
         return 0
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     subprocess.run([*sudo, "apt-get", "update", "-qq"], check=False)
@@ -161,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("setup", help="install Orthanc and dcmtk from Debian's packages")
+    commands.add_parser(
+        "setup", help="install Orthanc (and its DICOMweb plugin) and dcmtk from Debian's packages"
+    )
     r = commands.add_parser("run", help="run the benchmark and write the reports")
     r.add_argument("--out", type=Path, required=True, help="folder for results.json/.md/.png")
     r.add_argument("--studies", type=int, default=4)
@@ -195,7 +199,31 @@ def main(argv: list[str] | None = None) -> int:
     ix.add_argument("--queries", type=int, default=50, help="identifiers per query type")
     ix.add_argument("--repeat", type=int, default=2, help="ingest runs per index; 0: none")
     ix.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    md = commands.add_parser("metadata", help="WADO-RS study metadata latency, engine and Orthanc")
+    md.add_argument("--out", type=Path, required=True, help="folder for metadata.json/.md")
+    md.add_argument("--instances", type=int, default=2000, help="instances in the one study")
+    md.add_argument("--series", type=int, default=4, help="series the instances are split into")
+    md.add_argument("--repeat", type=int, default=5, help="timed requests after the cold one")
+    md.add_argument("--peers", default="engine,orthanc")
+    md.add_argument("--rows", type=int, default=128, help="rows and columns of each slice")
+    md.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="generated studies, reused")
+    md.add_argument("--work", type=Path, default=None, help="folder for the peers' data")
+    md.add_argument("--keep", action="store_true", help="keep the peers' folders")
     args = parser.parse_args(argv)
+    if args.command == "metadata":
+        return metadata.main(
+            args.out,
+            instances=args.instances,
+            series=args.series,
+            repeat=args.repeat,
+            peers=_csv(args.peers),
+            rows=args.rows,
+            cache=args.cache,
+            work=args.work,
+            keep=args.keep,
+            machine=_machine(),
+            progress=_progress("generating"),
+        )
     if args.command == "index":
         return index.main(
             args.out, args.instances, args.per_study, args.queries, args.repeat, args.cache

@@ -3,6 +3,9 @@
 - ``EnginePeer``: ``python -m engine serve`` with a config the bench writes.
 - ``OrthancPeer``: Debian's Orthanc with a JSON config the bench writes (SQLite index
   and storage under the run folder, DICOM and HTTP on loopback, no plugins).
+
+Both can also serve DICOMweb on 127.0.0.1 (``dicomweb=True``; off by default, so the
+ingest runs are unchanged): the engine's own server, Orthanc's DICOMweb plugin.
 - ``StorescpPeer``: dcmtk ``storescp --fork -od DIR``: files only, indexes nothing.
 
 Fairness: dcmtk and Debian's Orthanc leave Nagle's algorithm on unless ``TCP_NODELAY=1``
@@ -39,6 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 120.0
 POLL = 0.05
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+# Path of the DICOMweb service root on both peers (the engine's default base_path).
+DICOMWEB_PATH = "/dicom-web"
 
 
 def nodelay_env() -> dict[str, str]:
@@ -110,6 +116,11 @@ class Peer:
         """Peer-specific figures read after the run (the engine's latency)."""
         return {}
 
+    @property
+    def dicomweb_root(self) -> str:
+        """The DICOMweb service root, for a peer started with DICOMweb on."""
+        raise NotImplementedError(f"{self.name} serves no DICOMweb")
+
     def stop(self) -> None:
         """SIGTERM the process group this peer leads, then wait; SIGKILL if it hangs."""
         if self.process is None:
@@ -142,12 +153,15 @@ class EnginePeer(Peer):
     ae_title: str = "ENGINE"
     fsync: bool = True
     transport: str = "native"
+    # A [dicomweb] section on 127.0.0.1:http_port (a free port chosen at start).
+    dicomweb: bool = False
+    http_port: int = 0
     # Whether ``bench run --fsync`` sets ``fsync`` (not for the variants that fix it).
     fsync_from_args: ClassVar[bool] = True
 
     def start(self) -> None:
         config = self.folder / "config.toml"
-        config.write_text(
+        text = (
             "[dicom]\n"
             f'ae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
             f'transport = "{self.transport}"\n'
@@ -155,9 +169,21 @@ class EnginePeer(Peer):
             f"fsync = {'true' if self.fsync else 'false'}\n"
             '[index]\npath = "index.sqlite"\n'
         )
+        if self.dicomweb:
+            self.http_port = free_port()
+            text += f'[dicomweb]\nhost = "127.0.0.1"\nport = {self.http_port}\n'
+        config.write_text(text)
         self._spawn([sys.executable, "-m", "engine", "serve", "--config", str(config.resolve())])
         assert self.process is not None
         wait_for_port(self.port, self.process, START_TIMEOUT)
+        if self.dicomweb:
+            wait_for_port(self.http_port, self.process, START_TIMEOUT)
+
+    @property
+    def dicomweb_root(self) -> str:
+        if not self.dicomweb:
+            raise NotImplementedError("the engine was started without [dicomweb]")
+        return f"http://127.0.0.1:{self.http_port}{DICOMWEB_PATH}"
 
     def count_instances(self) -> int:
         uri = f"file:{self.folder / 'index.sqlite'}?mode=ro"
@@ -191,15 +217,17 @@ class OrthancPeer(Peer):
     name: str = "orthanc"
     ae_title: str = "ORTHANC"
     http_port: int = 0
+    # Load Debian's DICOMweb plugin (its defaults otherwise: StudiesMetadata "Full").
+    dicomweb: bool = False
 
     def start(self) -> None:
         self.http_port = free_port()
-        config = {
+        config: dict[str, Any] = {
             "Name": "BENCH",
             "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "index"),
             "StorageCompression": False,
-            "Plugins": [],
+            "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)] if self.dicomweb else [],
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
@@ -209,6 +237,8 @@ class OrthancPeer(Peer):
             "DicomAlwaysAllowEcho": True,
             "DicomCheckCalledAet": False,
         }
+        if self.dicomweb:
+            config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_PATH + "/"}
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -221,6 +251,12 @@ class OrthancPeer(Peer):
         url = f"http://127.0.0.1:{self.http_port}/statistics"
         with urllib.request.urlopen(url, timeout=60) as response:
             return int(json.load(response)["CountInstances"])
+
+    @property
+    def dicomweb_root(self) -> str:
+        if not self.dicomweb:
+            raise NotImplementedError("Orthanc was started without its DICOMweb plugin")
+        return f"http://127.0.0.1:{self.http_port}{DICOMWEB_PATH}"
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import generate, index, report
+from bench import generate, index, metadata, report
 from bench.peers import StorescpPeer
 from bench.replay import Scenario, run_once, split
 from tests.helpers import REPO
@@ -140,3 +140,67 @@ def test_bench_index_fills_and_queries_a_small_index(tmp_path: Path) -> None:
     assert set(result["find"]) >= {"study UID (STUDY)", "series of one study (SERIES)"}
     assert result["find"]["study UID (STUDY)"]["median_matches"] == 1
     assert "Ingest not measured" in (tmp_path / "index.md").read_text()
+
+
+def test_bench_metadata_smoke_verifies_the_engine_answer(tmp_path: Path) -> None:
+    """``bench metadata`` in miniature: one study of 20, the engine only."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "metadata",
+            "--out",
+            str(out),
+            "--instances",
+            "20",
+            "--repeat",
+            "1",
+            "--peers",
+            "engine",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--work",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads((out / "metadata.json").read_bytes())
+    assert (report["instances"], report["series"], report["slices"]) == (20, 4, 5)
+    (engine,) = report["peers"]
+    assert engine["peer"] == "engine"
+    assert engine["verified"] is True, engine["error"]
+    assert engine["stored"] == engine["objects"] == 20
+    assert engine["content_type"].startswith("application/dicom+json")
+    assert len(engine["warm_s"]) == 1 and engine["cold_s"] > 0 and engine["median_s"] > 0
+    assert engine["answer_bytes"] > 20 * 1000
+    assert report["ratio_engine_over_orthanc"] is None  # Orthanc not measured
+    assert "| engine |" in (out / "metadata.md").read_text()
+    assert "metadata cold" in done.stderr  # progress display
+
+
+def test_metadata_check_refuses_wrong_answers() -> None:
+    study = metadata.Study([Path("a"), Path("b")], "1.2.3", frozenset({"1.2.3.1", "1.2.3.2"}))
+
+    def item(uid: str, study_uid: str = "1.2.3") -> dict[str, object]:
+        return {
+            "00080018": {"vr": "UI", "Value": [uid]},
+            "0020000D": {"vr": "UI", "Value": [study_uid]},
+        }
+
+    def check(answer: object) -> tuple[int, str]:
+        return metadata.check(orjson.dumps(answer), study)
+
+    assert check([item("1.2.3.2"), item("1.2.3.1")]) == (2, "")
+    assert "1 instances missing" in check([item("1.2.3.1")])[1]
+    assert "duplicate" in check([item("1.2.3.1"), item("1.2.3.1")])[1]
+    assert "unexpected" in check([item("1.2.3.1"), item("1.2.3.9")])[1]
+    assert "not in study" in check([item("1.2.3.1"), item("1.2.3.2", "9.9")])[1]
+    assert "no SOPInstanceUID" in check([item("1.2.3.1"), {"0020000D": {}}])[1]
+    assert "not a list" in check({"00080018": {}})[1]
+    assert "not JSON" in metadata.check(b"<html>", study)[1]

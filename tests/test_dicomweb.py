@@ -422,7 +422,8 @@ def test_stow_partial_failures_and_bad_requests(tmp_path: Path) -> None:
             f"{url}/{study}", data=body, headers={"Content-Type": content_type}, timeout=60
         )
         assert wrong.status_code == 409
-        assert "posted to another study" in wrong.json()["00081198"]["Value"][0]["00000902"]["Value"][0]
+        (refused,) = wrong.json()["00081198"]["Value"]
+        assert "posted to another study" in value(refused, "00000902")
         before = engine.stats()
         files_before = {p: p.read_bytes() for p in engine.stored_files()}
         for data, kind, code in [
