@@ -6,7 +6,9 @@ by QIDO-RS and WADO-RS and are compared with what was sent, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,6 +261,21 @@ def test_metadata_from_the_index(archive: Archive) -> None:
         study, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
     )
     assert value(one, PATIENT_NAME) == {"Alphabetic": "Alpha^Ann"}
+
+
+def test_metadata_without_a_kept_header_reads_the_file(archive: Archive) -> None:
+    """An instance indexed without its header (by recovery, or a header over 64 KB) gets
+    the same metadata, read from its file."""
+    ds = archive.ct_b[1]
+    ids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    kept = archive.client.retrieve_instance_metadata(*ids)
+    with contextlib.closing(sqlite3.connect(archive.engine.index_path, timeout=30)) as db:
+        headers = db.execute("SELECT COUNT(*) FROM instance_headers").fetchone()[0]
+        instances = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+        assert headers == instances  # every ingested instance kept its header
+        with db:
+            db.execute("DELETE FROM instance_headers WHERE sop_instance_uid = ?", (ids[2],))
+    assert archive.client.retrieve_instance_metadata(*ids) == kept
 
 
 def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
