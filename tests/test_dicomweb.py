@@ -310,11 +310,17 @@ def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
 
         (fragment,) = _parts(response)
         assert fragment == next(generate_frames(original.PixelData, number_of_frames=1))
-    missing = requests.get(
+    instance_url = (
         f"{root(archive.engine)}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-        f"/instances/{ds.SOPInstanceUID}/frames/2",
-        timeout=30,
+        f"/instances/{ds.SOPInstanceUID}"
     )
+    bulk = requests.get(
+        f"{instance_url}/bulk/7FE00010", headers={"Accept": "application/octet-stream"}, timeout=30
+    )
+    assert bulk.status_code == 200 and bulk.content == ds.PixelData
+    no_such = requests.get(f"{instance_url}/bulk/00091234", timeout=30)
+    assert no_such.status_code == 404 and "00091234" in no_such.json()["message"]
+    missing = requests.get(f"{instance_url}/frames/2", timeout=30)
     assert missing.status_code == 404 and "frame 2" in missing.json()["message"]
 
 

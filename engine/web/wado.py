@@ -26,6 +26,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
+from engine.dicomjson import dataset_json
 from engine.storage import part10
 from engine.web.catalog import StoredInstance
 from engine.web.media import UNCOMPRESSED_SYNTAXES
@@ -54,8 +55,6 @@ def instance_url(base: str, instance: StoredInstance) -> str:
 
 def metadata(instance: StoredInstance, base: str) -> dict[str, Any]:
     """The DICOM JSON metadata of one instance (bulk data as BulkDataURIs)."""
-    from engine.dicomjson import dataset_json  # TEMP
-
     url = instance_url(base, instance)
     if instance.header is not None:
         result = dataset_json(instance.header, instance.transfer_syntax, f"{url}/bulk")
