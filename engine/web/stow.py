@@ -88,7 +88,9 @@ def read_part(raw: bytes) -> Part:
         # File meta is group 0002, explicit VR little endian; the dataset starts after it.
         meta = read_dataset(stream, False, True, stop_when=_past_file_meta)
     except Exception as exc:
-        raise StowError(status.CANNOT_UNDERSTAND, f"unreadable file meta information: {exc}") from exc
+        raise StowError(
+            status.CANNOT_UNDERSTAND, f"unreadable file meta information: {exc}"
+        ) from exc
     offset = stream.tell()
     values = {}
     for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID"):
