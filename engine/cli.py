@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine serve|stats --config PATH``.
+"""Command line: ``python -m engine serve|stats|backup|restore --config PATH``.
 
 The only place that configures logging and starts an event loop (uvloop).
 """
@@ -17,14 +17,19 @@ import orjson
 import uvloop
 
 from engine import config as config_module
+from engine import forwarding
+from engine.backup import command as backup_command
+from engine.backup import schedule as backup_schedule
 from engine.config import Config
 from engine.dicom.listener import Listener, make_listener
 from engine.dicom.qr import QueryEngine
 from engine.errors import EngineError
+from engine.index.backups import summary_of as backup_summary_of
 from engine.index.sqlite import SQLiteIndex, stats_of
 from engine.pipeline import Pipeline
 from engine.recovery import recover
 from engine.storage.area import StorageArea
+from engine.web.metrics import MetricsServer
 from engine.web.server import DicomWebServer
 
 log = logging.getLogger(__name__)
@@ -66,20 +71,36 @@ async def serve(
                 pipeline.spooler,
                 query,
                 pipeline.decoder,
+                metrics=pipeline.metrics,
             )
             await listener.start()
             web = None
             if config.dicomweb is not None:
-                web = DicomWebServer(config, config.dicomweb, pipeline.receiver, pipeline.decoder)
+                # /metrics goes on the DICOMweb server unless [metrics] gives it a port.
+                on_web = pipeline.metrics if config.metrics is None else None
+                web = DicomWebServer(
+                    config, config.dicomweb, pipeline.receiver, pipeline.decoder, on_web
+                )
+            metrics = MetricsServer(config.metrics, pipeline.metrics) if config.metrics else None
             try:
                 if web is not None:
                     await web.start()
+                if metrics is not None:
+                    await metrics.start()
                 log.info("engine ready: storage %s, index %s", storage.root, index.path)
                 if on_ready is not None:
                     on_ready(pipeline, listener)
-                await stop.wait()
+                # Stable studies and [[forward]] rules, and scheduled backups ([backup]
+                # interval), until the engine stops.
+                async with (
+                    forwarding.running(config, index, query, pipeline.decoder),
+                    backup_schedule.running(config, index),
+                ):
+                    await stop.wait()
                 log.info("stopping: no new associations; finishing what is in flight")
             finally:
+                if metrics is not None:
+                    await metrics.stop()
                 if web is not None:
                     await web.stop()
                 await listener.stop(config.dicom.shutdown_grace)
@@ -118,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.toml to use")
+    backup_command.add_commands(commands)  # backup [--verify], restore
     args = parser.parse_args(argv)
+    if args.command in ("backup", "restore"):
+        return backup_command.run(args, DEFAULT_CONFIG, _setup_logging)
     try:
         config = config_module.load(args.config)
     except EngineError as exc:
@@ -130,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("configuration: %s", orjson.dumps(config_module.describe(config)).decode())
             uvloop.run(_serve_until_signal(config))
         elif args.command == "stats":
-            counts = uvloop.run(stats_of(config.index.path))
+            counts: dict[str, object] = dict(uvloop.run(stats_of(config.index.path)))
+            last_backup = backup_summary_of(config.index.path)  # only once there was one
+            if last_backup is not None:
+                counts["last_backup"] = last_backup
             sys.stdout.write(orjson.dumps(counts).decode() + "\n")
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -121,6 +121,9 @@ class IngestConfig:
     decode_workers: int = 0
     # Seconds one image may take to decode before it is refused and the pool replaced.
     decode_timeout: float = 60.0
+    # Seconds without a new instance after which a study is stable (Orthanc's StableAge):
+    # stable studies are what [[forward]] rules send.
+    stable_age: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +167,60 @@ class DicomWebConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics at ``/metrics`` on a listener of their own, when the config file
+    has a ``[metrics]`` section; without it they are served by the DICOMweb server (if any)."""
+
+    host: str = "0.0.0.0"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRule:
+    """A ``[[forward]]`` table: send each study that becomes stable and matches every
+    filter given to ``destination``. A filter is a pattern (``*`` and ``?`` wildcards,
+    case-insensitive); an empty one matches anything."""
+
+    destination: str = ""  # an ae_title of [[dicom.peers]]; required
+    # One of the study's modalities (ModalitiesInStudy).
+    modality: str = ""
+    # The AE title that sent the study (one of them, if several did).
+    calling_ae: str = ""
+    study_description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingConfig:
+    """How queued forwards are sent and retried (engine/forwarding.py)."""
+
+    # Seconds before the first retry of a failed forward; each retry waits twice as long.
+    retry_initial: float = 30.0
+    # The longest wait between two attempts, in seconds.
+    retry_max: float = 3600.0
+    # Attempts after which a forward is given up ('failed', logged as an ERROR).
+    max_attempts: int = 20
+    # Seconds the C-STORE SCU waits to connect, to negotiate, and for each response.
+    timeout: float = 30.0
+    # Forwards sent at once (one association each).
+    associations: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BackupConfig:
+    """Backups made by the running engine (engine/backup/schedule.py); off by default.
+    ``python -m engine backup`` makes one at any time, whatever this says."""
+
+    # The backup folder (a backup disk or NAS mount); it must exist. Also the default
+    # of ``python -m engine backup`` without --to.
+    destination: Path | None = None
+    # Seconds between two scheduled backups; 0 = no scheduled backups.
+    interval: float = 0.0
+    # A WARNING is logged when the last good backup is older than this (seconds);
+    # 0 = twice the interval.
+    warn_after: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
 
@@ -178,6 +235,12 @@ class Config:
     query: QueryConfig = field(default_factory=QueryConfig)
     # None: no [dicomweb] section, no HTTP listener.
     dicomweb: DicomWebConfig | None = None
+    # None: no [metrics] section; metrics at /metrics on the DICOMweb server, if there is one.
+    metrics: MetricsConfig | None = None
+    forwarding: ForwardingConfig = field(default_factory=ForwardingConfig)
+    # The [[forward]] rules: which stable studies go to which peer.
+    forward: tuple[ForwardRule, ...] = ()
+    backup: BackupConfig = field(default_factory=BackupConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -324,10 +387,49 @@ def _check(config: Config) -> None:
         ):
             if value <= 0:
                 raise ConfigError(f"'{key}' must be greater than 0, not {value}")
+    if config.metrics is not None and not 0 <= config.metrics.port < 65536:
+        raise ConfigError(f"'metrics.port' must be between 0 and 65535, not {config.metrics.port}")
+    backup = config.backup
+    if backup.interval < 0 or backup.warn_after < 0:
+        raise ConfigError("'backup.interval' and 'backup.warn_after' must be 0 or more")
+    if backup.interval > 0 and backup.destination is None:
+        raise ConfigError("'backup.destination' must be set when 'backup.interval' is not 0")
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             f"'log.level' must be DEBUG, INFO, WARNING or ERROR, not {config.log.level!r}"
         )
+    _check_forwarding(config)
+
+
+def _check_forwarding(config: Config) -> None:
+    """Stable studies, [forwarding] and the [[forward]] rules."""
+    forwarding = config.forwarding
+    positive = {
+        "ingest.stable_age": config.ingest.stable_age,
+        "forwarding.retry_initial": forwarding.retry_initial,
+        "forwarding.max_attempts": forwarding.max_attempts,
+        "forwarding.timeout": forwarding.timeout,
+        "forwarding.associations": forwarding.associations,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be greater than 0, not {value}")
+    if forwarding.retry_max < forwarding.retry_initial:
+        raise ConfigError(
+            f"'forwarding.retry_max' ({forwarding.retry_max}) must not be less than"
+            f" 'forwarding.retry_initial' ({forwarding.retry_initial})"
+        )
+    peers = {peer.ae_title.strip() for peer in config.dicom.peers}
+    for n, rule in enumerate(config.forward):
+        if not rule.destination.strip():
+            raise ConfigError(
+                f"'forward[{n}].destination' is required: a [[dicom.peers]] ae_title"
+            )
+        if rule.destination.strip() not in peers:
+            raise ConfigError(
+                f"'forward[{n}].destination' {rule.destination!r} is not the ae_title of"
+                " a [[dicom.peers]] entry"
+            )
 
 
 def describe(config: Config) -> dict[str, Any]:

@@ -19,3 +19,7 @@ class StorageError(EngineError):
 
 class ProtocolError(EngineError):
     """A peer broke the DICOM upper layer or DIMSE encoding; the association is aborted."""
+
+
+class BackupError(EngineError):
+    """A backup, its verification or a restore cannot be done; the message says why."""

@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from engine import codecs
 from engine.config import Config, Transcode
 from engine.index.sqlite import SQLiteIndex
+from engine.metrics import Metrics
 from engine.stages import dedupe, validate, write
 from engine.stages.flow import STOP, Item, Stop
 from engine.stages.index import IndexStage
@@ -48,7 +49,14 @@ class Pipeline:
         self.queues: dict[str, asyncio.Queue[Item | Stop]] = {
             name: asyncio.Queue(size) for name in ("validate", "dedupe", "write", "index")
         }
-        self.receiver = Receiver(self.queues["validate"], config.ingest.store_timeout)
+        # The engine's metrics (engine/metrics.py): the stages and adapters count into it.
+        self.metrics = Metrics()
+        self.metrics.watch_queues(self.queues, size)
+        self.metrics.watch_index(index.path)
+        self.receiver = Receiver(self.queues["validate"], config.ingest.store_timeout, self.metrics)
+        self.metrics.watch_pipeline(
+            lambda: self.receiver.in_pipeline, lambda: self.receiver.waiting
+        )
         self.thread = write.StorageThread()
         self.in_flight = write.InFlight()
         self.decoder = codecs.Decoder(config.ingest.decode_workers, config.ingest.decode_timeout)
@@ -79,6 +87,7 @@ class Pipeline:
             self.thread,
             self.in_flight,
             self.config.ingest.duplicate_policy,
+            self.metrics,
         )
         ingest = self.config.ingest
         if ingest.check_pixels or ingest.transcode is not Transcode.NONE:

@@ -119,6 +119,9 @@ def expected_stats(storage: Path, instances: int, series: int, studies: int = 1)
         "instances": instances,
         "bytes": sum(p.stat().st_size for p in stored_files(storage)),
         "quarantined": 0,
+        "stable_studies": 0,
+        "forward_pending": 0,
+        "forward_failed": 0,
     }
 
 

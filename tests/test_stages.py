@@ -292,6 +292,9 @@ def test_index_judges_duplicates_inside_one_batch(tmp_path: Path) -> None:
                 "instances": 2,
                 "bytes": 200,
                 "quarantined": 1,
+                "stable_studies": 0,
+                "forward_pending": 0,
+                "forward_failed": 0,
             }
             async with index.reader.execute(
                 "SELECT num_series, num_instances, modalities FROM studies"

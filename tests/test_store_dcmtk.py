@@ -23,6 +23,9 @@ def test_storescu_folder_is_stored_identically(engine: Engine, tmp_path: Path) -
         "instances": 20,
         "bytes": sum(p.stat().st_size for p in engine.stored_files()),
         "quarantined": 0,
+        "stable_studies": 0,
+        "forward_pending": 0,
+        "forward_failed": 0,
     }
     stored = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, engine.stored_files())}
     assert len(stored) == 20

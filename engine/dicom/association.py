@@ -79,6 +79,7 @@ class Association(asyncio.Protocol):
         self._spool_paused = False
         self.outstanding = 0
         self._release_pending = False
+        self._accepted = False  # counted in the server's active associations
         # C-STOREs we sent on this association (a C-GET's), by Message ID.
         self._awaiting: dict[int, asyncio.Future[dimse.Command]] = {}
         self._message_id = 0
@@ -154,6 +155,9 @@ class Association(asyncio.Protocol):
             self._spool.discard()  # the dataset will never be complete
             self._spool = None
         self.server.associations.discard(self)
+        if self._accepted:
+            self._accepted = False
+            self.server.metrics.associations_active.dec()
         for waiting in self._awaiting.values():
             if not waiting.done():
                 waiting.set_exception(ConnectionError("the association ended"))
@@ -214,6 +218,9 @@ class Association(asyncio.Protocol):
     def _ae7(self, ac: bytes) -> None:
         self._write(ac)
         self._arm_idle()
+        self._accepted = True
+        self.server.metrics.associations_accepted.inc()
+        self.server.metrics.associations_active.inc()
         log.info(
             "association accepted: %s from %s:%d (%d of the proposed contexts)",
             self.origin.calling_ae,
@@ -224,6 +231,7 @@ class Association(asyncio.Protocol):
 
     def _ae8(self, rj: tuple[bytes, str]) -> None:
         pdu_bytes, why = rj
+        self.server.metrics.associations_refused.inc()
         log.warning(
             "association rejected: %s from %s:%d: %s",
             self.origin.calling_ae,

@@ -11,6 +11,7 @@ from engine.dicom.qr import Decompressor, QueryEngine, QueryService
 from engine.dicom.scp import StoreSCP
 from engine.dicom.server import NativeServer
 from engine.dicom.services import Services
+from engine.metrics import Metrics
 from engine.stages.receive import Receiver
 from engine.stages.validate import needs_decoding
 from engine.storage.spool import Spooler
@@ -30,11 +31,12 @@ class ThreadedListener:
         self,
         config: DicomConfig,
         receiver: Receiver,
+        metrics: Metrics,
         query: QueryEngine | None = None,
         decoder: Decoder | None = None,
     ) -> None:
         decompress = Decompressor(decoder, asyncio.get_running_loop()) if decoder else None
-        self.scp = StoreSCP(config, receiver, query, decompress)
+        self.scp = StoreSCP(config, receiver, metrics, query, decompress)
 
     @property
     def port(self) -> int:
@@ -54,9 +56,12 @@ def make_listener(
     spooler: Spooler | None = None,
     query: QueryEngine | None = None,
     decoder: Decoder | None = None,
+    *,
+    metrics: Metrics,
 ) -> Listener:
     """The listener for ``dicom.transport``. The native one writes C-STORE datasets to
-    ``spooler`` as they arrive, except those the pipeline must decode (held in memory)."""
+    ``spooler`` as they arrive, except those the pipeline must decode (held in memory).
+    Both count their associations in ``metrics``."""
     if dicom.transport is TransportKind.NATIVE:
         services = Services(
             receiver,
@@ -65,5 +70,5 @@ def make_listener(
             lambda transfer_syntax: not needs_decoding(ingest, transfer_syntax),
             QueryService(query, dicom.peers, dicom.ae_title, decoder) if query else None,
         )
-        return NativeServer(dicom, services)
-    return ThreadedListener(dicom, receiver, query, decoder)
+        return NativeServer(dicom, services, metrics)
+    return ThreadedListener(dicom, receiver, metrics, query, decoder)

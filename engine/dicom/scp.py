@@ -36,6 +36,7 @@ from engine.dicom.qr import (
     QueryEngine,
 )
 from engine.dicom.store_scu import Instance, plan_contexts
+from engine.metrics import Metrics
 from engine.model import Origin, Outcome, Received, Result
 from engine.stages.receive import Receiver
 
@@ -115,11 +116,13 @@ class StoreSCP:
         self,
         config: DicomConfig,
         receiver: Receiver,
+        metrics: Metrics,
         query: QueryEngine | None = None,
         decompress: Callable[[Instance], Dataset] | None = None,
     ) -> None:
         self.config = config
         self.receiver = receiver
+        self.metrics = metrics
         self.query = query
         self.decompress = decompress
         ae = AE(ae_title=config.ae_title)
@@ -139,6 +142,7 @@ class StoreSCP:
         self.peers = {peer.ae_title.strip(): peer for peer in config.peers}
         self.ae = ae
         self.server: Any = None
+        metrics.watch_associations(self._active)
 
     @property
     def port(self) -> int:
@@ -208,7 +212,9 @@ class StoreSCP:
             result = self.receiver.submit_from_thread(received)
         except Exception as exc:  # the protocol edge: log, answer, keep serving
             log.exception("C-STORE handler failed")
-            result = Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}")
+            result = self.receiver.tally(
+                Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}")
+            )
         return response(result)
 
     def handle_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
@@ -271,11 +277,17 @@ class StoreSCP:
         yield len(instances)
         yield from _sub_operations(event, instances, self.decompress)
 
+    def _active(self) -> int:
+        """Associations we accepted that are still open (read at scrape time)."""
+        return sum(1 for a in self.ae.active_associations if a.is_acceptor and a.is_established)
+
     def handle_accepted(self, event: evt.Event) -> None:
+        self.metrics.associations_accepted.inc()
         o = origin_of(event)
         log.info("association accepted: %s from %s:%d", o.calling_ae, o.peer_ip, o.peer_port)
 
     def handle_rejected(self, event: evt.Event) -> None:
+        self.metrics.associations_refused.inc()
         o = origin_of(event)
         log.warning("association rejected: %s from %s:%d", o.calling_ae, o.peer_ip, o.peer_port)
 

@@ -21,6 +21,7 @@ from engine.dicom import acse
 from engine.dicom.association import Association
 from engine.dicom.qr import QUERY_RETRIEVE_CLASSES
 from engine.dicom.services import Services
+from engine.metrics import Metrics
 from engine.storage.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,12 @@ UNLIMITED_PDU_BODY = 64 * 1024 * 1024
 
 
 class NativeServer:
-    def __init__(self, config: DicomConfig, services: Services) -> None:
+    def __init__(self, config: DicomConfig, services: Services, metrics: Metrics) -> None:
         self.config = config
         self.services = services
+        # Associations count themselves: accepted and active in ``Association._ae7`` and
+        # ``connection_lost``, refused in ``_ae8``.
+        self.metrics = metrics
         self.settings = acse.AcceptorSettings(
             ae_title=config.ae_title,
             max_pdu_length=config.maximum_pdu_size,

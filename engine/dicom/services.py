@@ -168,12 +168,16 @@ class Services:
                 outcome = (
                     Outcome.OUT_OF_RESOURCES if is_out_of_space(exc) else Outcome.PROCESSING_FAILURE
                 )
-                return Result(outcome, f"cannot write the file: {exc.strerror or exc}")
+                return self.receiver.tally(
+                    Result(outcome, f"cannot write the file: {exc.strerror or exc}")
+                )
         elif request.dataset is None or not command.affected_sop_instance_uid:
             log.warning(
                 "C-STORE without a dataset or SOP Instance UID from %s", request.origin.calling_ae
             )
-            return Result(Outcome.CANNOT_UNDERSTAND, "C-STORE without a dataset or instance UID")
+            return self.receiver.tally(
+                Result(Outcome.CANNOT_UNDERSTAND, "C-STORE without a dataset or instance UID")
+            )
         assert command.affected_sop_instance_uid is not None
         received = Received(
             origin=request.origin,
@@ -189,14 +193,11 @@ class Services:
             async with asyncio.timeout(self.store_timeout):  # no extra task, unlike wait_for
                 result = await self.receiver.submit(received)
         except TimeoutError:
-            log.error(
-                "no answer for %s within %.0f s; answering out of resources",
-                received.sop_instance_uid,
-                self.store_timeout,
-            )
-            return Result(Outcome.OUT_OF_RESOURCES, "the engine is overloaded; try again later")
+            return self.receiver.gave_up(received)
         except Exception as exc:  # the protocol edge: a bug never leaves a scanner hanging
             log.exception("pipeline failed for %s", received.sop_instance_uid)
-            return Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}")
-        self.receiver.latencies.append(time.monotonic() - received.started)
+            return self.receiver.tally(
+                Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}")
+            )
+        self.receiver.answered(received)
         return result

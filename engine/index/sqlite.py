@@ -1,7 +1,8 @@
 """The SQLite index through aiosqlite: WAL mode, one writer, batched transactions.
 
-Two connections: the writer (used only by the index stage, one transaction per
-batch) and a reader (duplicate look-ups, stats). WAL lets the reader, and other
+Two connections: the writer (one transaction per batch of the index stage, and
+``write`` for the engine's other writers: stable studies, the forwarding queue) and
+a reader (duplicate look-ups, stats). WAL lets the reader, and other
 processes such as ``engine stats``, read while a batch commits.
 
 ``synchronous`` follows ``[storage] fsync``: FULL syncs the WAL at each commit
@@ -103,6 +104,11 @@ UPDATE studies SET
     updated_at = MAX(updated_at, ?2)
 WHERE study_uid = ?1
 """
+# A study that receives an instance (new or replacing one) is no longer stable; the
+# stability task (engine/stability.py) marks it again once it has settled.
+_UNSETTLE_STUDY = (
+    "UPDATE studies SET stable_at = NULL WHERE study_uid = ? AND stable_at IS NOT NULL"
+)
 
 
 def schema_scripts() -> list[tuple[int, str]]:
@@ -298,6 +304,14 @@ class SQLiteIndex:
         """
         return await self._on_writer(self._transaction, self._commit, rows, quarantined, decide)
 
+    async def write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body(connection)`` as one transaction on the writer's thread.
+
+        For the engine's other writers (stable studies, the forwarding queue): every
+        change to the index goes through this one connection, between two batches.
+        """
+        return await self._on_writer(self._transaction, lambda: body(self.writer))
+
     async def forget(self, sop_instance_uids: list[str]) -> None:
         """Remove rows (whose files are gone) and recount their series and studies."""
         await self._on_writer(self._transaction, self._forget, sop_instance_uids)
@@ -386,6 +400,7 @@ class SQLiteIndex:
         if touched_series:
             db.executemany(_RECOUNT_SERIES, list(touched_series.items()))
             db.executemany(_RECOUNT_STUDY, list(touched_studies.items()))
+            db.executemany(_UNSETTLE_STUDY, [(study,) for study in touched_studies])
         if quarantined:
             db.executemany(_INSERT_QUARANTINE, [_quarantine_values(q) for q in quarantined])
         return report
@@ -450,9 +465,22 @@ SELECT
     (SELECT COUNT(*) FROM series),
     (SELECT COUNT(*) FROM instances),
     (SELECT COALESCE(SUM(size), 0) FROM instances),
-    (SELECT COUNT(*) FROM quarantine)
+    (SELECT COUNT(*) FROM quarantine),
+    (SELECT COUNT(*) FROM studies WHERE stable_at IS NOT NULL),
+    (SELECT COUNT(*) FROM forward_queue WHERE state = 'pending'),
+    (SELECT COUNT(*) FROM forward_queue WHERE state = 'failed')
 """
-STATS_KEYS = ("patients", "studies", "series", "instances", "bytes", "quarantined")
+STATS_KEYS = (
+    "patients",
+    "studies",
+    "series",
+    "instances",
+    "bytes",
+    "quarantined",
+    "stable_studies",
+    "forward_pending",
+    "forward_failed",
+)
 
 
 async def read_stats(db: aiosqlite.Connection) -> dict[str, int]:
@@ -469,4 +497,10 @@ async def stats_of(path: Path) -> dict[str, int]:
     uri = f"file:{path}?mode=ro"
     async with aiosqlite.connect(uri, uri=True) as db:
         await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        return await read_stats(db)
+        try:
+            return await read_stats(db)
+        except sqlite3.OperationalError as exc:  # e.g. no stable_at yet: an older schema
+            raise IndexDatabaseError(
+                f"cannot read the index {path}: {exc}; an index left by an older engine is"
+                " upgraded when the engine starts"
+            ) from exc

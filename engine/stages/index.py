@@ -16,6 +16,7 @@ from engine import status
 from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, decide
 from engine.index.base import Decide, Index, InstanceRow, QuarantineRow
+from engine.metrics import Metrics
 from engine.model import Outcome, Result
 from engine.stages.dedupe import DUPLICATE_MESSAGE, OUTCOME_OF
 from engine.stages.flow import Item, Stop, take_batch
@@ -69,8 +70,10 @@ class IndexStage:
         thread: StorageThread,
         in_flight: InFlight,
         policy: DuplicatePolicy,
+        metrics: Metrics,
     ) -> None:
         self.index = index
+        self.metrics = metrics
         self.storage = storage
         self.thread = thread
         self.in_flight = in_flight
@@ -91,6 +94,7 @@ class IndexStage:
             report = await self.index.commit_batch(
                 rows, [quarantine_row(i) for i in quarantined], self.decide
             )
+            self.metrics.quarantined.inc(len(quarantined))
         except Exception as exc:
             # Files stay, journals stay: the start-up recovery settles them. Nothing
             # here may delete a file another item could be committing right now.
@@ -138,6 +142,7 @@ class IndexStage:
         await cleanup
         if duplicates:
             await self.index.commit_batch([], [quarantine_row(i) for i in duplicates], self.decide)
+            self.metrics.quarantined.inc(len(duplicates))
         for item in refused + duplicates:
             assert item.rejection is not None
             item.resolve(item.rejection)
@@ -155,6 +160,7 @@ class IndexStage:
         while True:
             batch, stop = await take_batch(inbox, batch_max)
             if batch:
+                self.metrics.batch_size.observe(len(batch))
                 try:
                     await self.commit(batch)
                 except Exception as exc:  # a bug must not leave a scanner hanging

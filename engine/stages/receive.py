@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 
+from engine.metrics import Metrics
 from engine.model import Outcome, Received, Result
 from engine.stages.flow import Item, Stop
 
@@ -24,9 +25,15 @@ LATENCY_SAMPLES = 1_000_000
 
 
 class Receiver:
-    def __init__(self, queue: asyncio.Queue[Item | Stop], store_timeout: float) -> None:
+    """Every instance received (C-STORE on either transport, STOW-RS) passes ``submit``,
+    which counts it, its bytes and its answer in ``metrics``."""
+
+    def __init__(
+        self, queue: asyncio.Queue[Item | Stop], store_timeout: float, metrics: Metrics
+    ) -> None:
         self.queue = queue
         self.store_timeout = store_timeout
+        self.metrics = metrics
         self.loop = asyncio.get_running_loop()
         self.in_pipeline = 0  # items put in the queue and not yet answered
         self.waiting = 0  # submitters blocked on a full queue
@@ -44,9 +51,10 @@ class Receiver:
 
     async def submit(self, received: Received) -> Result:
         """Put one item into the pipeline and wait for its result (on the loop)."""
+        self.metrics.received(received.size)
         if self.closed:
             received.discard()
-            return Result(Outcome.OUT_OF_RESOURCES, "the engine is shutting down")
+            return self.tally(Result(Outcome.OUT_OF_RESOURCES, "the engine is shutting down"))
         item = Item(received, self.loop.create_future())
         self.waiting += 1
         try:
@@ -62,9 +70,32 @@ class Receiver:
         try:
             # Cancelled when the sender gives up: the item is then dropped at the
             # next stage boundary unless its file is already written.
-            return await item.future
+            return self.tally(await item.future)
         finally:
             self.in_pipeline -= 1
+
+    def tally(self, result: Result) -> Result:
+        """Count the status answered (``submit`` does; the transports call it for the
+        answers they give without the pipeline's result, such as a timeout)."""
+        self.metrics.answered(result.outcome)
+        return result
+
+    def gave_up(self, received: Received) -> Result:
+        """The answer when the pipeline did not answer within ``store_timeout``."""
+        log.error(
+            "no answer for %s within %.0f s; answering out of resources",
+            received.sop_instance_uid,
+            self.store_timeout,
+        )
+        return self.tally(
+            Result(Outcome.OUT_OF_RESOURCES, "the engine is overloaded; try again later")
+        )
+
+    def answered(self, received: Received) -> None:
+        """Note the seconds from the complete request to its answer (C-STORE)."""
+        seconds = time.monotonic() - received.started
+        self.latencies.append(seconds)
+        self.metrics.store_latency.observe(seconds)
 
     def summary(self) -> dict[str, float]:
         """Answered requests and their latency percentiles, in milliseconds."""
@@ -87,16 +118,11 @@ class Receiver:
         future = asyncio.run_coroutine_threadsafe(self.submit(received), self.loop)
         try:
             result = future.result(timeout=self.store_timeout)
-            self.latencies.append(time.monotonic() - received.started)
+            self.answered(received)
             return result
         except concurrent.futures.TimeoutError:
             future.cancel()
-            log.error(
-                "no answer for %s within %.0f s; answering out of resources",
-                received.sop_instance_uid,
-                self.store_timeout,
-            )
-            return Result(Outcome.OUT_OF_RESOURCES, "the engine is overloaded; try again later")
+            return self.gave_up(received)
         except Exception as exc:
             log.exception("pipeline failed for %s", received.sop_instance_uid)
-            return Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}")
+            return self.tally(Result(Outcome.PROCESSING_FAILURE, f"internal error: {exc!r}"))

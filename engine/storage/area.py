@@ -83,6 +83,19 @@ class PendingFile:
         return cls(rel_path, (), journal_entry, _temp=temp)
 
 
+def make_dirs(directory: Path) -> list[Path]:
+    """mkdir -p; returns the parents whose entries changed (to fsync)."""
+    missing: list[Path] = []
+    walk = directory
+    while not walk.is_dir():
+        missing.append(walk)
+        walk = walk.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+    return [folder.parent for folder in missing]
+
+
 class StorageArea:
     def __init__(
         self, root: Path, quarantine: Path, fsync: bool, sync_method: SyncMethod = SyncMethod.FSYNC
@@ -228,7 +241,7 @@ class StorageArea:
         for pending in ready:
             final = self.root / pending.rel_path
             try:
-                synced_dirs.update(self._make_dirs(final.parent))
+                synced_dirs.update(make_dirs(final.parent))
                 assert pending._temp is not None
                 os.replace(pending._temp, final)
                 pending._temp = None
@@ -264,20 +277,6 @@ class StorageArea:
             with contextlib.suppress(OSError):
                 pending._temp.unlink(missing_ok=True)
             pending._temp = None
-
-    def _make_dirs(self, directory: Path) -> list[Path]:
-        """mkdir -p; returns the parents whose entries changed (to fsync)."""
-        if directory.is_dir():
-            return []
-        missing: list[Path] = []
-        walk = directory
-        while not walk.is_dir():
-            missing.append(walk)
-            walk = walk.parent
-        for folder in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                folder.mkdir()
-        return [folder.parent for folder in missing]
 
     def _write_journal(self, name: str, entries: list[dict[str, Any]]) -> None:
         """Append the batch to this run's journal log; with fsync on, sync it.

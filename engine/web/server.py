@@ -13,6 +13,10 @@ GET  .../instances/{instance}[/frames/{frame}]/rendered, .../thumbnail  WADO-RS 
 POST /studies  /studies/{study}                                         STOW-RS
 ```
 
+and, at the server's root (not under ``base_path``) when the engine has no ``[metrics]``
+section of its own, ``GET /metrics``: the Prometheus metrics (``engine/web/metrics.py``),
+behind the same authentication as the rest.
+
 Every error is a JSON body ``{"error": ..., "message": ...}`` with its HTTP status and
 one log line. Searches and metadata read the index on worker threads (read-only
 connections); files are read on worker threads; decompression runs in the engine's
@@ -38,10 +42,12 @@ from aiohttp import BodyPartReader, web
 from engine import codecs
 from engine import status as dimse_status
 from engine.config import Config, DicomWebConfig
+from engine.metrics import Metrics
 from engine.model import Origin
 from engine.query.levels import Level
 from engine.stages.receive import Receiver
 from engine.web import media, qido, rendered, stow, wado
+from engine.web import metrics as metrics_page
 from engine.web.catalog import Catalog, StoredInstance
 from engine.web.media import DICOM, DICOM_JSON, Multipart, NotAcceptable, is_uid
 
@@ -86,11 +92,14 @@ class DicomWebServer:
         web_config: DicomWebConfig,
         receiver: Receiver,
         decoder: codecs.Decoder,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: serve them at ``/metrics`` too (None: they are served elsewhere)."""
         self.config = config
         self.web = web_config
         self.receiver = receiver
         self.decoder = decoder
+        self.metrics = metrics
         self.catalog = Catalog(config.index.path, config.storage.path)
         self.index_path: Path = config.index.path
         self._runner: web.AppRunner | None = None
@@ -132,6 +141,8 @@ class DicomWebServer:
             app.router.add_get(base + path, handler)
         app.router.add_post(base + "/studies", self.store)
         app.router.add_post(base + study, self.store)
+        if self.metrics is not None:
+            app.router.add_get(metrics_page.PATH, metrics_page.handler(self.metrics))
         return app
 
     async def start(self) -> None:

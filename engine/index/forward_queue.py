@@ -1,0 +1,209 @@
+"""Stable studies and the forwarding queue in the SQLite index (schema 4): the SQL only.
+
+The functions that change the index take the writer connection inside a transaction:
+they run through ``SQLiteIndex.write``, on the writer's thread, between two batches
+of the pipeline. The async ones only read, on the index's reader connection.
+
+Invariants of the queue (``forward_queue``, ``forward_sent``):
+
+- An item is (study, destination); 'pending' until it is 'done' or 'failed'.
+- Of the pending items of one (study, destination), only the oldest (lowest id) may
+  be claimed: one attempt at a time per pair, in order.
+- Claiming an item counts its attempt and sets ``next_attempt_at`` to when it would
+  be retried if the engine died during the attempt; the attempt's end sets it again.
+- An item never attempted (``attempts = 0``) reads the study's instances when it
+  starts, so a study that becomes stable again while such an item waits adds nothing
+  to the queue. Otherwise (the item is being sent, or waits for a retry) it gets a new
+  item, which will send the study as it is then.
+- A successful attempt ends, besides its own item, every pending item of the pair
+  queued before the attempt started (``Claim.covers``): the instances it read include
+  everything those items were queued for.
+- ``forward_sent`` holds the instances the destination acknowledged in an unfinished
+  item's attempts; a retry skips them. Removed when the item ends.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+
+import aiosqlite
+
+PENDING = "pending"
+DONE = "done"
+FAILED = "failed"
+
+# The separator of multi-valued columns (studies.modalities), as in a DICOM value.
+VALUE_SEPARATOR = "\\"
+
+
+@dataclass(frozen=True, slots=True)
+class StudyFacts:
+    """What forwarding rules look at in a study that has just become stable."""
+
+    study_uid: str
+    modalities: tuple[str, ...]
+    calling_aes: tuple[str, ...]
+    study_description: str
+
+
+# The destinations (peer AE titles) a stable study goes to.
+Route = Callable[[StudyFacts], Iterable[str]]
+
+
+@dataclass(slots=True)
+class Settled:
+    """What one stability check did."""
+
+    stable: list[StudyFacts] = field(default_factory=list)
+    queued: list[tuple[str, str]] = field(default_factory=list)  # (study UID, destination)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An item taken for one attempt."""
+
+    id: int
+    study_uid: str
+    destination: str
+    attempt: int  # this attempt's number, from 1
+    covers: int  # the highest item id when the attempt started
+    acknowledged: frozenset[str]  # SOP Instance UIDs sent in earlier attempts
+
+
+_UNSETTLED = "SELECT EXISTS (SELECT 1 FROM studies WHERE stable_at IS NULL AND updated_at <= ?)"
+_SETTLING = """
+SELECT study_uid, modalities, study_description FROM studies
+WHERE stable_at IS NULL AND updated_at <= ?
+ORDER BY updated_at LIMIT ?
+"""
+_CALLING_AES = (
+    "SELECT DISTINCT calling_ae FROM instances WHERE study_uid = ? AND calling_ae IS NOT NULL"
+)
+_MARK_STABLE = "UPDATE studies SET stable_at = ? WHERE study_uid = ?"
+_ENQUEUE = """
+INSERT INTO forward_queue (study_uid, destination, state, attempts, next_attempt_at, created_at)
+SELECT ?1, ?2, 'pending', 0, ?3, ?3
+WHERE NOT EXISTS (
+    SELECT 1 FROM forward_queue
+    WHERE study_uid = ?1 AND destination = ?2 AND state = 'pending' AND attempts = 0)
+"""
+
+
+def _eligible_sql(busy: int) -> str:
+    """The next item that may be claimed, skipping ``busy`` ids (attempts under way)."""
+    skip = f"AND q.id NOT IN ({', '.join('?' * busy)})" if busy else ""
+    return f"""
+SELECT q.id, q.study_uid, q.destination, q.attempts, q.next_attempt_at FROM forward_queue q
+WHERE q.state = 'pending' {skip}
+AND NOT EXISTS (
+    SELECT 1 FROM forward_queue p
+    WHERE p.study_uid = q.study_uid AND p.destination = q.destination
+    AND p.state = 'pending' AND p.id < q.id)
+ORDER BY q.next_attempt_at, q.id LIMIT 1
+"""
+
+
+# -- reads (the index's reader connection) ------------------------------------------
+
+
+async def has_settled(db: aiosqlite.Connection, cutoff: float) -> bool:
+    """Whether a study not yet stable received its last instance at ``cutoff`` or before."""
+    rows = await db.execute_fetchall(_UNSETTLED, (cutoff,))
+    return bool(next(iter(rows))[0])
+
+
+async def next_due(db: aiosqlite.Connection, busy: Collection[int]) -> float | None:
+    """When the next claimable item is due (None: nothing to send)."""
+    rows = list(await db.execute_fetchall(_eligible_sql(len(busy)), tuple(busy)))
+    return float(rows[0][4]) if rows else None
+
+
+# -- writes (the writer connection, inside a transaction) ----------------------------
+
+
+def settle(db: sqlite3.Connection, now: float, cutoff: float, route: Route, limit: int) -> Settled:
+    """Mark stable up to ``limit`` studies whose last instance came at ``cutoff`` or
+    before, and queue each for the destinations ``route`` gives."""
+    settled = Settled()
+    for study_uid, modalities, description in db.execute(_SETTLING, (cutoff, limit)).fetchall():
+        calling_aes = [ae for (ae,) in db.execute(_CALLING_AES, (study_uid,))]
+        facts = StudyFacts(
+            study_uid=study_uid,
+            modalities=tuple(m for m in (modalities or "").split(VALUE_SEPARATOR) if m),
+            calling_aes=tuple(sorted(ae.strip() for ae in calling_aes)),
+            study_description=description or "",
+        )
+        settled.stable.append(facts)
+        for destination in dict.fromkeys(route(facts)):
+            if db.execute(_ENQUEUE, (study_uid, destination, now)).rowcount:
+                settled.queued.append((study_uid, destination))
+    db.executemany(_MARK_STABLE, [(now, facts.study_uid) for facts in settled.stable])
+    return settled
+
+
+def claim(
+    db: sqlite3.Connection, now: float, busy: Collection[int], lease: Callable[[int], float]
+) -> Claim | None:
+    """Take the next due item for an attempt; ``lease(attempt)``: seconds until it is
+    retried should the attempt never report (the engine killed meanwhile)."""
+    row = db.execute(_eligible_sql(len(busy)), tuple(busy)).fetchone()
+    if row is None or row[4] > now:
+        return None
+    item_id, study_uid, destination, attempts, _ = row
+    attempt = attempts + 1
+    db.execute(
+        "UPDATE forward_queue SET attempts = ?, next_attempt_at = ? WHERE id = ?",
+        (attempt, now + lease(attempt), item_id),
+    )
+    (covers,) = db.execute("SELECT MAX(id) FROM forward_queue").fetchone()
+    sent = db.execute("SELECT sop_instance_uid FROM forward_sent WHERE queue_id = ?", (item_id,))
+    return Claim(
+        item_id, study_uid, destination, attempt, covers, frozenset(uid for (uid,) in sent)
+    )
+
+
+def finish_done(db: sqlite3.Connection, claim: Claim, now: float) -> int:
+    """The study reached its destination: end the item and those it covers; how many."""
+    ids = [
+        (item_id,)
+        for (item_id,) in db.execute(
+            "SELECT id FROM forward_queue WHERE study_uid = ? AND destination = ?"
+            " AND state = 'pending' AND id <= ?",
+            (claim.study_uid, claim.destination, claim.covers),
+        )
+    ]
+    db.executemany(
+        "UPDATE forward_queue SET state = 'done', done_at = ?, last_error = NULL WHERE id = ?",
+        [(now, item_id) for (item_id,) in ids],
+    )
+    db.executemany("DELETE FROM forward_sent WHERE queue_id = ?", ids)
+    return len(ids)
+
+
+def finish_retry(
+    db: sqlite3.Connection,
+    claim: Claim,
+    acknowledged: Iterable[str],
+    next_attempt_at: float,
+    error: str,
+) -> None:
+    """The attempt fell short: keep what was acknowledged, try again at ``next_attempt_at``."""
+    db.executemany(
+        "INSERT OR IGNORE INTO forward_sent (queue_id, sop_instance_uid) VALUES (?, ?)",
+        [(claim.id, uid) for uid in acknowledged],
+    )
+    db.execute(
+        "UPDATE forward_queue SET next_attempt_at = ?, last_error = ? WHERE id = ?",
+        (next_attempt_at, error, claim.id),
+    )
+
+
+def finish_failed(db: sqlite3.Connection, claim: Claim, now: float, error: str) -> None:
+    """Given up: the item ends 'failed' with its last error."""
+    db.execute(
+        "UPDATE forward_queue SET state = 'failed', done_at = ?, last_error = ? WHERE id = ?",
+        (now, error, claim.id),
+    )
+    db.execute("DELETE FROM forward_sent WHERE queue_id = ?", (claim.id,))
