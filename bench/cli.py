@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import generate, index, metadata, profile, report
+from bench import crash, generate, index, metadata, profile, report
+from bench.fuzz import campaign as fuzz
 from bench.peers import ORTHANC_DICOMWEB_PLUGIN, PEERS, EnginePeer, available
 from bench.replay import Scenario, run_once
 
@@ -209,7 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     md.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="generated studies, reused")
     md.add_argument("--work", type=Path, default=None, help="folder for the peers' data")
     md.add_argument("--keep", action="store_true", help="keep the peers' folders")
+    crash.add_arguments(
+        commands.add_parser("crash", help="kill -9 the engine mid-burst, restart, check; N rounds")
+    )
+    fuzz.add_arguments(
+        commands.add_parser("fuzz", help="malformed DICOM network input while a sender stores")
+    )
     args = parser.parse_args(argv)
+    if args.command == "fuzz":
+        return fuzz.main(args, machine=_machine())
+    if args.command == "crash":
+        return crash.main(args, machine=_machine())
     if args.command == "metadata":
         return metadata.main(
             args.out,

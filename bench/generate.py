@@ -422,6 +422,19 @@ def _slices(spec: StudySpec) -> Iterable[tuple[Path, Dataset]]:
                 yield relative_path(i, j, k), _slice_dataset(spec, template, i, j, k, pixels)
 
 
+def series_slices(
+    spec: StudySpec, study: int, series: int, slices: Iterable[int]
+) -> Iterable[Dataset]:
+    """Some slices of one series of the data set, in memory (what one scanner sends):
+    the same datasets ``generate`` writes for them."""
+    canvas = _Canvas(spec.rows, spec.columns)
+    header = _study(spec, study)
+    template = _series_template(spec, header, series)
+    for k in slices:
+        pixels = _slice_pixels(canvas, header, series, k, spec)
+        yield _slice_dataset(spec, template, study, series, k, pixels)
+
+
 def generate(
     spec: StudySpec,
     out: Path,

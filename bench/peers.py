@@ -165,6 +165,9 @@ class EnginePeer(Peer):
             "[dicom]\n"
             f'ae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
             f'transport = "{self.transport}"\n'
+            # Any caller, like the rivals' configs (Orthanc's DicomAlwaysAllow*).
+            "allow_unknown_echo = true\nallow_unknown_store = true\n"
+            "allow_unknown_query = true\nallow_unknown_retrieve = true\n"
             '[storage]\npath = "storage"\n'
             f"fsync = {'true' if self.fsync else 'false'}\n"
             '[index]\npath = "index.sqlite"\n'

@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine serve|stats|backup|restore --config PATH``.
+"""Command line: ``python -m engine serve|stats|backup|restore|reindex|verify --config PATH``.
 
 The only place that configures logging and starts an event loop (uvloop).
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import orjson
 import uvloop
 
+from engine import certificates, forwarding, maintenance
 from engine import config as config_module
-from engine import forwarding
 from engine.backup import command as backup_command
 from engine.backup import schedule as backup_schedule
 from engine.config import Config
@@ -46,6 +46,9 @@ async def serve(
 
     ``on_ready`` is called once the server listens (tests use it to watch the pipeline).
     """
+    # [tls] first: a certificate that cannot be used stops the engine before anything opens.
+    dicom_tls = certificates.dicom_port(config)
+    https = certificates.https_context(config)
     storage = StorageArea(
         config.storage.path,
         config.storage.quarantine,
@@ -72,6 +75,7 @@ async def serve(
                 query,
                 pipeline.decoder,
                 metrics=pipeline.metrics,
+                tls=dicom_tls,
             )
             await listener.start()
             web = None
@@ -79,7 +83,7 @@ async def serve(
                 # /metrics goes on the DICOMweb server unless [metrics] gives it a port.
                 on_web = pipeline.metrics if config.metrics is None else None
                 web = DicomWebServer(
-                    config, config.dicomweb, pipeline.receiver, pipeline.decoder, on_web
+                    config, config.dicomweb, pipeline.receiver, pipeline.decoder, on_web, https
                 )
             metrics = MetricsServer(config.metrics, pipeline.metrics) if config.metrics else None
             try:
@@ -140,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.toml to use")
     backup_command.add_commands(commands)  # backup [--verify], restore
+    maintenance.add_commands(commands)  # reindex, verify
     args = parser.parse_args(argv)
     if args.command in ("backup", "restore"):
         return backup_command.run(args, DEFAULT_CONFIG, _setup_logging)
+    if args.command in maintenance.COMMANDS:
+        return maintenance.run(args, DEFAULT_CONFIG, _setup_logging)
     try:
         config = config_module.load(args.config)
     except EngineError as exc:

@@ -55,13 +55,29 @@ class Transcode(StrEnum):
     EXPLICIT_LITTLE = "explicit-little"  # decompress to Explicit VR Little Endian
 
 
+class TlsVersion(StrEnum):
+    """The oldest TLS version the engine accepts (PS3.15 B.9, BCP 195: 1.2 or newer)."""
+
+    TLS_1_2 = "1.2"
+    TLS_1_3 = "1.3"
+
+
 @dataclass(frozen=True, slots=True)
 class PeerConfig:
-    """A known DICOM node: a C-MOVE destination (and, later, who may do what)."""
+    """A known DICOM node: who it is, where it listens (C-MOVE and forwarding
+    destination), and what it may ask of us (README, "Access control")."""
 
     ae_title: str
+    # Its address (an IP address or a host name, resolved at start): where C-MOVE and
+    # forwarding send to, and, with [dicom] check_calling_host, where it must call from.
     host: str
     port: int
+    # C-STORE to us.
+    store: bool = True
+    # C-FIND.
+    query: bool = True
+    # C-MOVE and C-GET.
+    retrieve: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +86,17 @@ class DicomConfig:
     transport: TransportKind = TransportKind.NATIVE
     host: str = "0.0.0.0"
     port: int = 11112
-    # Refuse associations whose called AE title is not ours (native transport).
+    # Refuse associations whose called AE title is not ours.
     require_called_ae_title: bool = False
+    # A declared peer must call from its host's address; from another address it is
+    # served as an unknown caller (like Orthanc's DicomCheckModalityHost).
+    check_calling_host: bool = True
+    # What callers that are not a declared peer may do (Orthanc's DicomAlwaysAllow*).
+    # With all four false they are refused at association ("calling AE not recognized").
+    allow_unknown_echo: bool = False
+    allow_unknown_store: bool = False
+    allow_unknown_query: bool = False
+    allow_unknown_retrieve: bool = False
     maximum_associations: int = 64
     maximum_pdu_size: int = 262144
     # Seconds a peer may stay silent on an open association before it is aborted.
@@ -84,7 +109,7 @@ class DicomConfig:
     # up (native transport, which writes datasets to disk as they arrive); past this,
     # the engine stops reading from that peer until the writes are done.
     receive_buffer: int = 8 * 1024 * 1024
-    # Known nodes, as [[dicom.peers]] tables: ae_title, host, port.
+    # Known nodes, as [[dicom.peers]] tables: ae_title, host, port, store, query, retrieve.
     peers: tuple[PeerConfig, ...] = ()
 
 
@@ -164,6 +189,29 @@ class DicomWebConfig:
     max_request_size: int = 4 * 1024 * 1024 * 1024
     # Matches a QIDO-RS search answers when the request gives no limit (and at most).
     max_results: int = 1000
+    # HTTPS with the certificate and key of the [tls] section (which must be present).
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """DICOM over TLS (PS3.15 B.9, the BCP 195 secure transport connection profile) on a
+    port of its own beside the plain one, with the same services; and the certificate of
+    DICOMweb over HTTPS (``[dicomweb] tls``). Only when the config file has ``[tls]``."""
+
+    # The DICOM TLS port (same host and AE title as [dicom]); 2762 is DICOM's registered one.
+    port: int = 2762
+    # PEM file of the engine's certificate, followed by any intermediate certificates.
+    # Required.
+    certificate: Path | None = None
+    # PEM file of its private key (not encrypted); None: the key is in the certificate file.
+    private_key: Path | None = None
+    # PEM file of the certificate authorities that sign client certificates (verify_client).
+    ca_certificates: Path | None = None
+    # Require of every DICOM TLS client a certificate signed by one of ca_certificates.
+    verify_client: bool = False
+    # The oldest TLS version accepted.
+    minimum_version: TlsVersion = TlsVersion.TLS_1_2
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +285,8 @@ class Config:
     dicomweb: DicomWebConfig | None = None
     # None: no [metrics] section; metrics at /metrics on the DICOMweb server, if there is one.
     metrics: MetricsConfig | None = None
+    # None: no [tls] section, no DICOM TLS port, no HTTPS.
+    tls: TlsConfig | None = None
     forwarding: ForwardingConfig = field(default_factory=ForwardingConfig)
     # The [[forward]] rules: which stable studies go to which peer.
     forward: tuple[ForwardRule, ...] = ()
@@ -368,6 +418,11 @@ def _check(config: Config) -> None:
             raise ConfigError(f"'{where}.port' must be between 1 and 65535, not {peer.port}")
         if not peer.host:
             raise ConfigError(f"'{where}.host' must not be empty")
+        if "/" in peer.host or "*" in peer.host:
+            raise ConfigError(
+                f"'{where}.host' must be one address or host name, not {peer.host!r}"
+                " (set dicom.check_calling_host = false to accept a peer from anywhere)"
+            )
     web = config.dicomweb
     if web is not None:
         if not 0 <= web.port < 65536:
@@ -399,6 +454,7 @@ def _check(config: Config) -> None:
             f"'log.level' must be DEBUG, INFO, WARNING or ERROR, not {config.log.level!r}"
         )
     _check_forwarding(config)
+    _check_tls(config)
 
 
 def _check_forwarding(config: Config) -> None:
@@ -430,6 +486,26 @@ def _check_forwarding(config: Config) -> None:
                 f"'forward[{n}].destination' {rule.destination!r} is not the ae_title of"
                 " a [[dicom.peers]] entry"
             )
+
+
+def _check_tls(config: Config) -> None:
+    """[tls] and [dicomweb] tls; the files themselves are read at start (engine/certificates.py)."""
+    tls = config.tls
+    if config.dicomweb is not None and config.dicomweb.tls and tls is None:
+        raise ConfigError("'dicomweb.tls' needs a [tls] section with the certificate to use")
+    if tls is None:
+        return
+    if tls.certificate is None:
+        raise ConfigError("'tls.certificate' is required: the PEM file of the engine's certificate")
+    if not 0 < tls.port < 65536:
+        raise ConfigError(f"'tls.port' must be between 1 and 65535, not {tls.port}")
+    if tls.port == config.dicom.port:
+        raise ConfigError(f"'tls.port' must differ from 'dicom.port' ({tls.port})")
+    if tls.verify_client and tls.ca_certificates is None:
+        raise ConfigError(
+            "'tls.verify_client' needs 'tls.ca_certificates': the PEM file of the"
+            " certificate authorities that sign client certificates"
+        )
 
 
 def describe(config: Config) -> dict[str, Any]:

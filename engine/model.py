@@ -99,6 +99,7 @@ class Outcome(enum.Enum):
     CORRUPT_PIXEL_DATA = "corrupt pixel data"  # check_pixels or transcode failed to decode
     OUT_OF_RESOURCES = "out of resources"  # disk full, pipeline full past the wait limit
     PROCESSING_FAILURE = "processing failure"  # a fault inside the engine
+    NOT_AUTHORIZED = "not authorized"  # the caller may not store here (access control)
 
     @property
     def is_success(self) -> bool:

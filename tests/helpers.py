@@ -29,6 +29,14 @@ from engine.pipeline import Pipeline
 REPO = Path(__file__).resolve().parent.parent
 # The suite runs once per DICOM transport: ENGINE_TRANSPORT=native or pynetdicom.
 TRANSPORT = os.environ.get("ENGINE_TRANSPORT", "")
+# Test engines serve any caller (the tests use many AE titles); production refuses
+# unknown callers by default. tests/test_access.py overrides these to test the rules.
+OPEN_ACCESS: dict[str, Any] = {
+    "allow_unknown_echo": True,
+    "allow_unknown_store": True,
+    "allow_unknown_query": True,
+    "allow_unknown_retrieve": True,
+}
 WAIT = 30.0
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
@@ -68,12 +76,16 @@ class Engine:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     config_path: Path | None = None
+    # A command that runs the engine's command line given after it, in the same process
+    # (it must ``exec``): e.g. ``unshare`` with a small filesystem (tests/test_full_disk.py).
+    launcher: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         sections: dict[str, dict[str, Any]] = {
             "dicom": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
+            | OPEN_ACCESS
             | ({"transport": TRANSPORT} if TRANSPORT else {}),
             "storage": {"path": "storage"},
             "index": {"path": "index.sqlite"},
@@ -106,7 +118,10 @@ class Engine:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "engine", "serve", "--config", str(self.config_path)],
+                [
+                    *self.launcher,
+                    *(sys.executable, "-m", "engine", "serve", "--config", str(self.config_path)),
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -307,6 +322,7 @@ def engine_in_thread(folder: Path, **sections: dict[str, Any]) -> Iterator[InPro
     port = free_port()
     raw: dict[str, dict[str, Any]] = {
         "dicom": {"ae_title": "ENGINE", "host": "127.0.0.1", "port": port}
+        | OPEN_ACCESS
         | ({"transport": TRANSPORT} if TRANSPORT else {}),
         "storage": {"path": "storage"},
         "index": {"path": "index.sqlite"},

@@ -298,6 +298,15 @@ def test_missing_user_information_means_defaults() -> None:
             raw_rq(APP, Item(0x50, Item(0x51, b"\x00\x40").encode()).encode()),
             id="short maximum length",
         ),
+        # Found by the network fuzzer: no answer fits in 1 to 6 bytes (bench/fuzz).
+        pytest.param(
+            raw_rq(APP, Item(0x50, Item(0x51, b"\x00\x00\x00\x01").encode()).encode()),
+            id="maximum length 1",
+        ),
+        pytest.param(
+            raw_rq(APP, Item(0x50, Item(0x51, b"\x00\x00\x00\x06").encode()).encode()),
+            id="maximum length 6",
+        ),
         pytest.param(
             raw_rq(APP, Item(0x50, Item(0x53, b"\x00\x01").encode()).encode()),
             id="short async window",
@@ -329,6 +338,14 @@ def test_missing_user_information_means_defaults() -> None:
 def test_malformed_requests_are_protocol_errors(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_associate_rq(body)
+
+
+@pytest.mark.parametrize("maximum", [0, acse.SMALLEST_MAXIMUM_LENGTH, 0xFFFFFFFF])
+def test_usable_maximum_lengths_are_accepted(maximum: int) -> None:
+    """0 is "no limit"; 7 carries one byte of data per PDV, as slow as that is."""
+    user = Item(0x50, Item(0x51, maximum.to_bytes(4, "big")).encode()).encode()
+    rq = decode_associate_rq(raw_rq(APP, context_item(1, ABSTRACT, SYNTAX), user))
+    assert rq.max_pdu_length == maximum
 
 
 @bounded

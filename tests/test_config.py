@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from engine import config as config_module
-from engine.config import Config, DuplicatePolicy, Transcode
+from engine.config import Config, DuplicatePolicy, PeerConfig, Transcode
 from engine.errors import ConfigError
 from tests.helpers import REPO
 
@@ -18,7 +19,9 @@ def test_repository_config_is_the_documented_default(tmp_path: Path) -> None:
     loaded = config_module.load(REPO / "config.toml")
     defaults = Config()
     assert loaded.dicom.port == 11112
-    assert loaded.dicom == defaults.dicom
+    # The one setting that is not a default: a peer for trying the engine locally.
+    assert loaded.dicom.peers == (PeerConfig("ME", "127.0.0.1", 11113),)
+    assert dataclasses.replace(loaded.dicom, peers=()) == defaults.dicom
     assert loaded.ingest == defaults.ingest
     assert loaded.pipeline == defaults.pipeline
     assert loaded.storage.fsync is True

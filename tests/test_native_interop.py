@@ -38,15 +38,11 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
-from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from bench.fuzz import messages
+from bench.fuzz.messages import associate_rq, store_pdus
 from engine import status
 from engine.dicom import acse, dimse, pdu
 from engine.dicom.server import NativeServer
@@ -57,7 +53,7 @@ NATIVE: dict[str, Any] = {"transport": "native"}
 WAIT = 15.0  # the longest any one wait below may take before the test fails
 POLL = 0.02
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
-CT_CONTEXT = 1  # the one presentation context a raw peer proposes
+CT_CONTEXT = messages.CT_CONTEXT  # the one presentation context a raw peer proposes
 
 
 # -- engines ------------------------------------------------------------------------------
@@ -165,40 +161,7 @@ def storescu(port: int, *options: str, called_ae: str = "ENGINE") -> list[str]:
 
 
 # -- a raw peer -----------------------------------------------------------------------------
-
-
-def associate_rq(max_pdu: int = 16384, called_ae: str = "ENGINE") -> bytes:
-    """An A-ASSOCIATE-RQ proposing CT Image Storage in explicit VR little endian."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = acse.DICOM_APPLICATION_CONTEXT
-    primitive.calling_ae_title = "RAWPEER"
-    primitive.called_ae_title = called_ae
-    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    context.context_id = CT_CONTEXT
-    primitive.presentation_context_definition_list = [context]
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = max_pdu
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.7433.1"
-    primitive.user_information = [maximum, implementation]
-    encoded: bytes = A_ASSOCIATE_RQ(primitive).encode()
-    return encoded
-
-
-def store_pdus(ds: Dataset, message_id: int = 1, max_pdu: int = 16384) -> list[bytes]:
-    """A C-STORE-RQ of ``ds`` as P-DATA-TF PDUs: the command, then the dataset fragments."""
-    command = dimse.encode_request(
-        dimse.CommandField.C_STORE_RQ,
-        message_id,
-        affected_sop_class_uid=CTImageStorage,
-        affected_sop_instance_uid=str(ds.SOPInstanceUID),
-        has_dataset=True,
-    )
-    data = encode(ds, False, True)
-    assert data is not None
-    return pdu.encode_pdata(CT_CONTEXT, True, command, 0) + pdu.encode_pdata(
-        CT_CONTEXT, False, data, max_pdu
-    )
+# Its messages (``associate_rq``, ``store_pdus``) are the network fuzzer's builders.
 
 
 class RawPeer:

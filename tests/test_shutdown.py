@@ -12,7 +12,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from engine import config as config_module
 from engine import status
-from engine.config import Config, DicomWebConfig, MetricsConfig
+from engine.config import Config, DicomWebConfig, MetricsConfig, PeerConfig, TlsConfig
 from tests.burst import Burst, burst_datasets, check_store, close_socket, raw_socket, restart
 from tests.helpers import REPO, Engine, serve_until_exit, write_config
 
@@ -170,13 +170,22 @@ def test_repository_config_loads_and_documents_every_key() -> None:
     assert config.dicomweb is not None
     # [metrics] is optional too and shown commented out (test_metrics checks its values).
     assert config.metrics is None
-    defaults = config_module.describe(Config(dicomweb=DicomWebConfig(), metrics=MetricsConfig()))
+    # [tls] as well (test_tls checks its values).
+    assert config.tls is None
+    defaults = config_module.describe(
+        Config(dicomweb=DicomWebConfig(), metrics=MetricsConfig(), tls=TlsConfig())
+    )
     for section, values in defaults.items():
         if isinstance(values, tuple):  # a list of tables at the top ([[forward]]): checked below
             continue
         for key, default in values.items():
-            if key != "path" and section != "metrics":
+            # dicom.peers: none by default; the file declares one for local trials.
+            optional = section in ("metrics", "tls")
+            if key != "path" and not optional and (section, key) != ("dicom", "peers"):
                 assert shown[section][key] == default, f"{section}.{key}"
+    assert [(p.ae_title, p.host) for p in config.dicom.peers] == [("ME", "127.0.0.1")]
+    for key in PeerConfig.__dataclass_fields__:
+        assert f"{key} = " in path.read_text(), f"dicom.peers.{key} is not documented"
     # Every key appears in the file (set, or commented out like quarantine_path).
     text = path.read_text()
     for section, values in defaults.items():

@@ -12,7 +12,8 @@ What the decoder accepts: PS3.8 leaves unknown items and sub-items to be ignored
 real peers differ in padding (UIDs padded with NUL, AE titles with spaces or NUL), so
 those are tolerated. What it refuses: any length that does not fit its container, a
 missing or repeated application context, a presentation context without exactly one
-abstract syntax and at least one transfer syntax, even or repeated context IDs.
+abstract syntax and at least one transfer syntax, even or repeated context IDs, a
+maximum length (1 to 6) too small to carry a single byte of data.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydicom.uid import UID
 from pynetdicom import sop_class
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from engine.dicom.pdu import PDUType
+from engine.dicom.pdu import PDV_ITEM_HEADER, UNLIMITED, PDUType
 from engine.errors import ProtocolError
 
 DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -58,6 +59,11 @@ _ROLES = struct.Struct(">BB")
 _IDENTITY = struct.Struct(">BBH")
 _REJECT = struct.Struct(">BxLxBBB")
 REJECT_BODY_LENGTH = 4
+
+# The smallest maximum length a requestor may announce: a PDV item header and one byte
+# of data (PS3.8 annex D.1). Below it no answer can be sent at all; found by the network
+# fuzzer (bench/fuzz), where 1 to 6 made every answer fail in the encoder.
+SMALLEST_MAXIMUM_LENGTH = PDV_ITEM_HEADER + 1
 
 # Presentation context IDs are odd integers 1-255 (PS3.8 9.3.2.2).
 CONTEXT_ID_MAX = 255
@@ -331,6 +337,10 @@ def _user_information(value: memoryview) -> _UserInformation:
             if len(sub) != _U32.size:
                 raise ProtocolError(f"maximum length sub-item of {len(sub)} bytes")
             (info.max_pdu_length,) = _U32.unpack_from(sub)
+            if UNLIMITED < info.max_pdu_length < SMALLEST_MAXIMUM_LENGTH:
+                raise ProtocolError(
+                    f"maximum length {info.max_pdu_length} leaves no room for a PDV's data"
+                )
         elif item_type == ItemType.IMPLEMENTATION_CLASS_UID:
             info.implementation_class_uid = _uid(sub, "implementation class UID")
         elif item_type == ItemType.IMPLEMENTATION_VERSION_NAME:

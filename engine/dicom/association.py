@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from engine import status
 from engine.dicom import acse, dimse, pdu
+from engine.dicom.access import NO_GRANT, Grant, note_admission
 from engine.dicom.fsm import TABLE, Action, Event, State, transition
 from engine.dicom.services import Request
 from engine.errors import ProtocolError
@@ -84,6 +85,7 @@ class Association(asyncio.Protocol):
         self._awaiting: dict[int, asyncio.Future[dimse.Command]] = {}
         self._message_id = 0
         self.roles: dict[str, tuple[bool, bool]] = {}
+        self.grant = NO_GRANT  # what the caller may do, once admitted (access.py)
         self._abort_reason = pdu.AbortReason.NOT_SPECIFIED
         self._framing_lost = False
         self._actions: dict[Action, Callable[[Any], None]] = {
@@ -115,7 +117,7 @@ class Association(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.origin = Origin(str(peer[0]), int(peer[1]), "", "")
-        self.server.associations.add(self)
+        self.server.opened(self)
         self._event(Event.EVT5)
 
     def data_received(self, data: bytes) -> None:
@@ -154,7 +156,7 @@ class Association(asyncio.Protocol):
         if self._spool is not None:
             self._spool.discard()  # the dataset will never be complete
             self._spool = None
-        self.server.associations.discard(self)
+        self.server.closed(self)
         if self._accepted:
             self._accepted = False
             self.server.metrics.associations_active.dec()
@@ -172,6 +174,14 @@ class Association(asyncio.Protocol):
     def abort(self) -> None:
         """A local A-ABORT (shutdown, idle timeout)."""
         self._event(Event.EVT15)
+
+    def drop(self) -> None:
+        """Close at once, without a word: one connection too many without an association."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def describe(self) -> str:
+        return self._who()
 
     def _note_unexpected(self, pdu_type: int, event: Event) -> None:
         """Log a PDU the state does not expect (the table aborts it) and name the reason."""
@@ -203,11 +213,19 @@ class Association(asyncio.Protocol):
         self.origin = Origin(
             self.origin.peer_ip, self.origin.peer_port, request.calling_ae, request.called_ae
         )
-        refusal = self.server.refusal(request)
-        if refusal is not None:
-            self._event(Event.EVT8, refusal)
+        admission = self.server.admission(request, self.origin.peer_ip)
+        if not isinstance(admission, Grant):
+            self._event(Event.EVT8, admission)
             return
-        results = acse.negotiate(request, self.server.settings)
+        self.grant = admission
+        results = acse.negotiate(request, self.server.settings_for(admission))
+        note_admission(
+            admission,
+            request.calling_ae,
+            self.origin.peer_ip,
+            self.origin.peer_port,
+            (context.abstract_syntax for context in request.contexts),
+        )
         self.contexts = {
             r.context_id: r for r in results if r.result is acse.ContextResult.ACCEPTANCE
         }
@@ -219,6 +237,7 @@ class Association(asyncio.Protocol):
         self._write(ac)
         self._arm_idle()
         self._accepted = True
+        self.server.admitted(self)
         self.server.metrics.associations_accepted.inc()
         self.server.metrics.associations_active.inc()
         log.info(
@@ -370,6 +389,7 @@ class Association(asyncio.Protocol):
             dataset=dataset,
             completed_at=time.monotonic(),
             channel=self,
+            grant=self.grant,
             spooled=spool.finish(last_parts) if spool is not None else None,
         )
         if log.isEnabledFor(logging.DEBUG):
@@ -403,7 +423,12 @@ class Association(asyncio.Protocol):
                     pdus += pdu.encode_pdata(context_id, False, dataset, self.peer_max_pdu)
                 self._event(Event.EVT9, pdus)
         except Exception:
-            log.exception("a DIMSE service failed")  # Services answers its own errors
+            # Services answer their own errors, so this is a bug and the request will never
+            # be answered: abort, rather than leave the peer (and a release it may have
+            # asked for) waiting for the idle timeout.
+            log.exception("a DIMSE service failed; aborting the association")
+            if self.transport is not None and self.state in (State.STA6, State.STA8):
+                self.abort()
             return
         finally:
             self.outstanding -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from engine.certificates import TlsPort
 from engine.codecs import Decoder
 from engine.config import DicomConfig, IngestConfig, TransportKind
 from engine.dicom.qr import Decompressor, QueryEngine, QueryService
@@ -34,9 +35,10 @@ class ThreadedListener:
         metrics: Metrics,
         query: QueryEngine | None = None,
         decoder: Decoder | None = None,
+        tls: TlsPort | None = None,
     ) -> None:
         decompress = Decompressor(decoder, asyncio.get_running_loop()) if decoder else None
-        self.scp = StoreSCP(config, receiver, metrics, query, decompress)
+        self.scp = StoreSCP(config, receiver, metrics, query, decompress, tls)
 
     @property
     def port(self) -> int:
@@ -58,10 +60,12 @@ def make_listener(
     decoder: Decoder | None = None,
     *,
     metrics: Metrics,
+    tls: TlsPort | None = None,
 ) -> Listener:
     """The listener for ``dicom.transport``. The native one writes C-STORE datasets to
     ``spooler`` as they arrive, except those the pipeline must decode (held in memory).
-    Both count their associations in ``metrics``."""
+    Both count their associations in ``metrics``; with ``tls``, both also listen on a
+    TLS port."""
     if dicom.transport is TransportKind.NATIVE:
         services = Services(
             receiver,
@@ -70,5 +74,5 @@ def make_listener(
             lambda transfer_syntax: not needs_decoding(ingest, transfer_syntax),
             QueryService(query, dicom.peers, dicom.ae_title, decoder) if query else None,
         )
-        return NativeServer(dicom, services, metrics)
-    return ThreadedListener(dicom, receiver, metrics, query, decoder)
+        return NativeServer(dicom, services, metrics, tls)
+    return ThreadedListener(dicom, receiver, metrics, query, decoder, tls)

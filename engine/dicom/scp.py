@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,8 +27,19 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from engine import status
+from engine.certificates import TlsPort
 from engine.config import DicomConfig
 from engine.dicom import dimse
+from engine.dicom.access import (
+    NO_GRANT,
+    AccessControl,
+    Denial,
+    Grant,
+    Service,
+    note_admission,
+    store_refused,
+)
+from engine.dicom.acse import RejectResult, RejectSource
 from engine.dicom.qr import (
     FIND_MODELS,
     GET_MODELS,
@@ -36,6 +49,8 @@ from engine.dicom.qr import (
     QueryEngine,
 )
 from engine.dicom.store_scu import Instance, plan_contexts
+from engine.dicom.threaded import start_guarded, wake_acceptor
+from engine.dicom.tls import TlsAssociationServer, start_threaded
 from engine.metrics import Metrics
 from engine.model import Origin, Outcome, Received, Result
 from engine.stages.receive import Receiver
@@ -119,8 +134,12 @@ class StoreSCP:
         metrics: Metrics,
         query: QueryEngine | None = None,
         decompress: Callable[[Instance], Dataset] | None = None,
+        tls: TlsPort | None = None,
     ) -> None:
+        """``tls``: also listen on a TLS port (engine/dicom/tls.py), same handlers."""
         self.config = config
+        self.tls = tls
+        self.tls_server: TlsAssociationServer | None = None
         self.receiver = receiver
         self.metrics = metrics
         self.query = query
@@ -140,6 +159,11 @@ class StoreSCP:
             for sop_class in QUERY_RETRIEVE_CLASSES:
                 ae.add_supported_context(sop_class, syntaxes)
         self.peers = {peer.ae_title.strip(): peer for peer in config.peers}
+        # Who may call, and what each caller may do (engine/dicom/access.py); the grant
+        # of each admitted association, read by its own thread's handlers.
+        self.access = AccessControl(config)
+        self._grants: weakref.WeakKeyDictionary[Any, Grant] = weakref.WeakKeyDictionary()
+        self._grants_lock = threading.Lock()
         self.ae = ae
         self.server: Any = None
         metrics.watch_associations(self._active)
@@ -149,8 +173,11 @@ class StoreSCP:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
+        self.access.resolve()  # host names: before any caller
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self.handle_connection),
+            (evt.EVT_CONN_CLOSE, wake_acceptor),  # closed before its request: end it now
+            (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_FIND, self.handle_find),
@@ -160,8 +187,10 @@ class StoreSCP:
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ABORTED, self.handle_aborted),
         ]
-        self.server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        # pynetdicom's server with a deep backlog, and no slot before a whole request
+        # (engine/dicom/threaded.py).
+        self.server = start_guarded(
+            self.ae, (self.config.host, self.config.port), handlers, self.config.acse_timeout
         )
         log.info(
             "DICOM AE %s listening on %s:%d (up to %d associations)",
@@ -170,12 +199,25 @@ class StoreSCP:
             self.port,
             self.config.maximum_associations,
         )
+        if self.tls is not None:
+            self.tls_server = start_threaded(
+                self.ae, self.config.host, self.tls, handlers, self.config.acse_timeout
+            )
+            log.info(
+                "DICOM AE %s listening for TLS on %s:%d",
+                self.config.ae_title,
+                self.config.host,
+                self.tls_server.server_address[1],
+            )
 
     def stop(self, grace: float) -> None:
         """Stop accepting; give open associations ``grace`` seconds, then abort them."""
         if self.server is None:
             return
         self.server.shutdown()
+        if self.tls_server is not None:
+            self.tls_server.shutdown()
+            self.tls_server = None
         deadline = time.monotonic() + grace
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(SHUTDOWN_POLL)
@@ -193,6 +235,39 @@ class StoreSCP:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle_requested(self, event: evt.Event) -> None:
+        """Access control, before pynetdicom negotiates (engine/dicom/access.py): reject
+        the association, or keep its grant and drop from this association's supported
+        contexts those of the services the caller may not use."""
+        assoc = event.assoc
+        if not assoc.is_acceptor:
+            return  # our own request (a C-MOVE's sub-association): nothing to decide
+        rq = assoc.requestor.primitive
+        assert rq is not None  # set by pynetdicom before EVT_REQUESTED
+        calling = str(rq.calling_ae_title).strip()
+        ip, port = str(assoc.requestor.address), int(assoc.requestor.port)
+        decision = self.access.admit(calling, str(rq.called_ae_title), ip)
+        if isinstance(decision, Denial):
+            self.metrics.associations_refused.inc()
+            log.warning("association rejected: %s from %s:%d: %s", calling, ip, port, decision.why)
+            assoc.acse.send_reject(
+                RejectResult.PERMANENT, RejectSource.SERVICE_USER, decision.reason
+            )
+            assoc.kill()  # as pynetdicom's own rejections do: the RJ goes out, then the end
+            return
+        with self._grants_lock:
+            self._grants[assoc] = decision
+        supported = assoc.acceptor.supported_contexts
+        allowed = [cx for cx in supported if decision.accepts_context(str(cx.abstract_syntax))]
+        if len(allowed) != len(supported):
+            assoc.acceptor.supported_contexts = allowed
+        proposed = (str(cx.abstract_syntax) for cx in rq.presentation_context_definition_list)
+        note_admission(decision, calling, ip, port, proposed)
+
+    def _grant(self, assoc: Any) -> Grant:
+        with self._grants_lock:
+            return self._grants.get(assoc, NO_GRANT)
+
     def handle_echo(self, event: evt.Event) -> int:
         return status.SUCCESS
 
@@ -200,6 +275,11 @@ class StoreSCP:
         try:
             request = event.request
             assert isinstance(request, C_STORE) and request.DataSet is not None
+            grant = self._grant(event.assoc)
+            if not grant.allows(Service.STORE):
+                uid = str(request.AffectedSOPInstanceUID)
+                refused = store_refused(grant, origin_of(event), uid)
+                return response(self.receiver.tally(refused))
             received = Received(
                 origin=origin_of(event),
                 sop_class_uid=str(request.AffectedSOPClassUID),

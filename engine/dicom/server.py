@@ -3,12 +3,14 @@
 It owns what outlives one connection: the acceptor's negotiation settings, the
 count of open associations (beyond ``maximum_associations`` a request is refused
 as transient, "local limit exceeded"), and the tasks that serve requests, so a
-shutdown can wait for every answer owed.
+shutdown can wait for every answer owed. Connections not associated (yet) take no
+slot and are bounded apart (``connections.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Coroutine
@@ -16,11 +18,14 @@ from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
 
+from engine.certificates import TlsPort
 from engine.config import DicomConfig
-from engine.dicom import acse
+from engine.dicom import access, acse
 from engine.dicom.association import Association
+from engine.dicom.connections import Unassociated
 from engine.dicom.qr import QUERY_RETRIEVE_CLASSES
 from engine.dicom.services import Services
+from engine.dicom.tls import TlsAcceptor
 from engine.metrics import Metrics
 from engine.storage.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -33,8 +38,17 @@ UNLIMITED_PDU_BODY = 64 * 1024 * 1024
 
 
 class NativeServer:
-    def __init__(self, config: DicomConfig, services: Services, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: DicomConfig,
+        services: Services,
+        metrics: Metrics,
+        tls: TlsPort | None = None,
+    ) -> None:
+        """``tls``: also listen on a TLS port (engine/dicom/tls.py), same services."""
         self.config = config
+        self.tls = tls
+        self._tls_acceptor: TlsAcceptor | None = None
         self.services = services
         # Associations count themselves: accepted and active in ``Association._ae7`` and
         # ``connection_lost``, refused in ``_ae8``.
@@ -50,12 +64,17 @@ class NativeServer:
                 or (services.query is not None and uid in QUERY_RETRIEVE_CLASSES)
             ),
         )
+        # Who may call, and what each caller may do (engine/dicom/access.py).
+        self.access = access.AccessControl(config)
+        self._granted_settings: dict[frozenset[access.Service], acse.AcceptorSettings] = {}
         self.max_pdu_body = config.maximum_pdu_size or UNLIMITED_PDU_BODY
         self.acse_timeout = config.acse_timeout
         self.network_timeout = config.network_timeout
         self.dimse_timeout = config.dimse_timeout
         self.receive_buffer = config.receive_buffer
-        self.associations: set[Association] = set()
+        self.associations: set[Association] = set()  # every connection open
+        self.accepted: set[Association] = set()  # those holding an association slot
+        self.unassociated: Unassociated[Association] = Unassociated()  # all the others
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
@@ -66,6 +85,7 @@ class NativeServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.access.resolve)  # host names: before any caller
         self._server = await loop.create_server(
             lambda: Association(self),
             self.config.host,
@@ -80,10 +100,24 @@ class NativeServer:
             self.port,
             self.config.maximum_associations,
         )
+        if self.tls is not None:
+            self._tls_acceptor = TlsAcceptor(
+                self.config.host,
+                self.tls,
+                lambda: Association(self),
+                self.acse_timeout,
+            )
+            await self._tls_acceptor.start()
+            log.info(
+                "DICOM AE %s listening for TLS on %s:%d",
+                self.config.ae_title,
+                self.config.host,
+                self._tls_acceptor.port,
+            )
 
     def refusal(self, request: acse.AssociateRequest) -> tuple[bytes, str] | None:
         """The A-ASSOCIATE-RJ to send, with the reason for the log, or None to accept."""
-        if len(self.associations) > self.config.maximum_associations:
+        if len(self.accepted) >= self.config.maximum_associations:
             return (
                 acse.encode_associate_rj(
                     acse.RejectResult.TRANSIENT,
@@ -91,15 +125,6 @@ class NativeServer:
                     acse.PresentationRejectReason.LOCAL_LIMIT_EXCEEDED,
                 ),
                 f"more than {self.config.maximum_associations} associations",
-            )
-        if self.config.require_called_ae_title and request.called_ae != self.config.ae_title:
-            return (
-                acse.encode_associate_rj(
-                    acse.RejectResult.PERMANENT,
-                    acse.RejectSource.SERVICE_USER,
-                    acse.RejectReason.CALLED_AE_NOT_RECOGNIZED,
-                ),
-                f"called AE title {request.called_ae!r} is not {self.config.ae_title!r}",
             )
         if request.application_context != acse.DICOM_APPLICATION_CONTEXT:
             return (
@@ -111,6 +136,58 @@ class NativeServer:
                 f"application context {request.application_context}",
             )
         return None
+
+    def admission(
+        self, request: acse.AssociateRequest, peer_ip: str
+    ) -> access.Grant | tuple[bytes, str]:
+        """What the caller may do, or the A-ASSOCIATE-RJ (and the reason for the log):
+        ``refusal`` first, then access control (called and calling AE title, address)."""
+        refusal = self.refusal(request)
+        if refusal is not None:
+            return refusal
+        decision = self.access.admit(request.calling_ae, request.called_ae, peer_ip)
+        if isinstance(decision, access.Denial):
+            rj = acse.encode_associate_rj(
+                acse.RejectResult.PERMANENT, acse.RejectSource.SERVICE_USER, decision.reason
+            )
+            return rj, decision.why
+        return decision
+
+    def settings_for(self, grant: access.Grant) -> acse.AcceptorSettings:
+        """The negotiation settings of an association with this grant: the contexts of
+        services it may not use are refused (one settings object per set of services)."""
+        settings = self._granted_settings.get(grant.services)
+        if settings is None:
+            accepts = self.settings.accepts_abstract
+            settings = dataclasses.replace(
+                self.settings,
+                accepts_abstract=lambda uid: grant.accepts_context(uid) and accepts(uid),
+            )
+            self._granted_settings[grant.services] = settings
+        return settings
+
+    def opened(self, association: Association) -> None:
+        """A new connection: no slot until accepted; the oldest unassociated one makes
+        room if there are too many."""
+        self.associations.add(association)
+        oldest = self.unassociated.add(association)
+        if oldest is not None:
+            log.warning(
+                "dropping %s: more than %d connections without an association",
+                oldest.describe(),
+                self.unassociated.limit,
+            )
+            oldest.drop()
+
+    def admitted(self, association: Association) -> None:
+        """Its A-ASSOCIATE-AC went out: it holds a slot until it closes."""
+        self.unassociated.discard(association)
+        self.accepted.add(association)
+
+    def closed(self, association: Association) -> None:
+        self.associations.discard(association)
+        self.accepted.discard(association)
+        self.unassociated.discard(association)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run one request; the server keeps the task until it ends."""
@@ -127,6 +204,9 @@ class NativeServer:
         if self._server is None:
             return
         self._server.close()
+        if self._tls_acceptor is not None:
+            await self._tls_acceptor.stop()
+            self._tls_acceptor = None
         deadline = time.monotonic() + grace
         while self.associations and time.monotonic() < deadline:
             await asyncio.sleep(SHUTDOWN_POLL)

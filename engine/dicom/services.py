@@ -8,6 +8,7 @@ PDUs or sockets; query/retrieve will add its handlers beside these.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from engine import status
 from engine.dicom import dimse
+from engine.dicom.access import NO_GRANT, Grant, Service, store_refused
 from engine.dicom.dimse import CommandField
 from engine.model import Origin, Outcome, Received, Result
 from engine.stages.receive import Receiver
@@ -44,6 +46,8 @@ class Request:
     # can send them: (SOP class, instance, syntaxes it may use) -> a context, then
     # (context ID, dataset bytes in its syntax) -> the C-STORE-RSP status.
     channel: StoreChannel | None = None
+    # What the caller may do (access.py); None (no grant given) allows nothing.
+    grant: Grant | None = None
 
 
 class StoreChannel(Protocol):
@@ -159,6 +163,13 @@ class Services:
 
     async def store(self, request: Request) -> Result:
         command = request.command
+        grant = request.grant or NO_GRANT
+        if not grant.allows(Service.STORE):
+            if request.spooled is not None:  # written while it arrived: not ours to keep
+                with contextlib.suppress(OSError):
+                    (await request.spooled).discard()
+            refused = store_refused(grant, request.origin, command.affected_sop_instance_uid or "")
+            return self.receiver.tally(refused)
         spooled: Spooled | None = None
         if request.spooled is not None:
             try:

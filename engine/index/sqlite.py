@@ -324,7 +324,8 @@ class SQLiteIndex:
             db.execute("COMMIT")
         except BaseException:
             try:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # not after SQLite rolled back itself (a full disk)
+                    db.execute("ROLLBACK")
             except sqlite3.Error:
                 log.exception("rollback failed")
             raise

@@ -297,9 +297,16 @@ class StorageArea:
         self._open_batches[self._log_path].add(name)
 
     def _append(self, line: bytes) -> None:
+        """Append whole lines only: a line cut short (a full disk) is cut off again, or
+        the next line would be glued to it and both would be unreadable at recovery."""
         view = memoryview(line)
-        while view:
-            view = view[os.write(self._log_fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self._log_fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._log_fd, self._log_size)  # O_APPEND: the next line goes here
+            raise
         self._log_size += len(line)
 
     def _rotate_log(self) -> None:
@@ -331,7 +338,10 @@ class StorageArea:
             if pending is not None:
                 pending.discard(name)
             if log_path == self._log_path and self._log_fd >= 0:
-                self._append(orjson.dumps({"done": name}) + b"\n")
+                try:
+                    self._append(orjson.dumps({"done": name}) + b"\n")
+                except OSError as exc:  # a full disk: recovery finds the batch indexed
+                    log.warning("cannot mark batch %s done in the journal: %s", name, exc)
             elif not pending:
                 self._drop_log(log_path)
             return

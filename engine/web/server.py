@@ -31,6 +31,7 @@ import binascii
 import hmac
 import logging
 import sqlite3
+import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -93,9 +94,12 @@ class DicomWebServer:
         receiver: Receiver,
         decoder: codecs.Decoder,
         metrics: Metrics | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """``metrics``: serve them at ``/metrics`` too (None: they are served elsewhere)."""
+        """``metrics``: serve them at ``/metrics`` too (None: they are served elsewhere).
+        ``ssl_context``: HTTPS (``[dicomweb] tls``, engine/certificates.py)."""
         self.config = config
+        self.ssl_context = ssl_context
         self.web = web_config
         self.receiver = receiver
         self.decoder = decoder
@@ -150,13 +154,18 @@ class DicomWebServer:
             self.app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE, handle_signals=False
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.web.host, self.web.port)
+        site = web.TCPSite(self._runner, self.web.host, self.web.port, ssl_context=self.ssl_context)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.web.port
+        scheme = "https" if self.ssl_context is not None else "http"
         log.info(
-            "DICOMweb listening on http://%s:%d%s", self.web.host, self.port, self.web.base_path
+            "DICOMweb listening on %s://%s:%d%s",
+            scheme,
+            self.web.host,
+            self.port,
+            self.web.base_path,
         )
 
     async def stop(self) -> None:
