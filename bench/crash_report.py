@@ -37,7 +37,7 @@ _SUMMARY = (
     ("unfindable", "not found by C-FIND"),
     ("engine_crashes", "engine crashes (exits other than our kill)"),
     ("kills_mid_burst", "kills mid-burst"),
-    ("kills_before_any_answer", "kills before any answer"),
+    ("kills_before_any_answer", "of which before the first answer"),
     ("kills_after_burst", "kills after the burst had ended"),
     ("replayed", "files indexed by the journal replay"),
     ("temps_removed", "temp files removed at restart"),

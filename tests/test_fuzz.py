@@ -127,19 +127,27 @@ def test_the_log_judge_tells_reactions_from_crashes() -> None:
         f"Exception in thread {STAMP} ERROR pynetdicom.dul: Unknown PDU type received '0x00'",
         "Thread-7 (run_reactor):",
         *LIBRARY_TRACEBACK,
+        f"Exception in thread Thread-9 (run_reactor){STAMP} INFO engine.dicom.scp: accepted",
+        ":",
+        "Traceback (most recent call last):",
+        '  File "/usr/lib/python3.11/threading.py", line 1045, in _bootstrap_inner',
+        # A record with its own traceback, through our code, in the middle of it.
+        f"{STAMP} ERROR pynetdicom.service_class: 0xA900: QueryRetrieveLevel ''",
+        *ENGINE_TRACEBACK,
+        *LIBRARY_TRACEBACK[2:],
         "Exception in thread spool:",
         *ENGINE_TRACEBACK,
     ]
     verdict = judge_log("\n".join(log))
     assert verdict.warnings == {"protocol error from ? (PEER): x": 2}
-    assert sum(verdict.library.values()) == 2
-    assert sum(verdict.library_crashes.values()) == 1
+    assert sum(verdict.library.values()) == 3
+    assert verdict.library_crashes == {"Exception in thread Thread-N (run_reactor): KeyError: N": 2}
     assert set(verdict.unexpected_kinds) == {
         "ERROR pynetdicom.events: Exception in the handler bound to 'evt.EVT_C_STORE'",
         "ERROR engine.dicom.association: a DIMSE service failed",
         "Exception in thread spool: engine.errors.StorageError: a bug in a thread of ours",
     }
-    assert verdict.levels["UNCAUGHT"] == 2
+    assert verdict.levels["UNCAUGHT"] == 3
 
 
 # -- a campaign ------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ _HEADER = re.compile(
 )
 _THREAD_CRASH = re.compile(r"Exception in thread (?P<thread>[^:]*)")
 _FATAL = ("Fatal Python error", "Exception ignored in")
+TRACEBACK = "Traceback (most recent call last)"
+THREAD_START = "_bootstrap_inner"  # the first frame of every thread's traceback
 UNEXPECTED_LEVELS = frozenset({"ERROR", "CRITICAL"})
 LIBRARY_LOGGER = "pynetdicom."
 LIBRARY_FRAME = "/pynetdicom/"
@@ -116,21 +118,54 @@ def _exception(lines: list[str]) -> str:
 
 
 def _traceback(window: list[str]) -> list[str]:
-    """The lines of the traceback that starts ``window``: up to its exception line (or the
-    next thread's crash), so that a neighbouring record's traceback is not taken for it."""
-    for i, line in enumerate(window[1:], 1):
+    """The lines of the thread's traceback that starts ``window``, up to its exception line.
+
+    A log record is written whole (its header, then its own traceback if it has one), so
+    a record found in the middle is left out with its traceback: a thread's traceback
+    starts in ``threading.py``, a record's does not.
+    """
+    out = [window[0]]
+    i = 1
+    while i < len(window):
+        line = window[i]
         if _THREAD_CRASH.search(line):
-            return window[:i]
+            break
+        if _HEADER.search(line):
+            after = window[i + 1 : i + 3]
+            own = (
+                len(after) == 2 and after[0].startswith(TRACEBACK) and THREAD_START not in after[1]
+            )
+            i += 1
+            while own and i < len(window) and not _EXCEPTION_LINE.match(window[i].lstrip()):
+                i += 1
+            i += 1 if own else 0
+            continue
+        out.append(line)
         if _EXCEPTION_LINE.match(line.lstrip()):
-            return window[: i + 1]
-    return window
+            break
+        i += 1
+    return out
+
+
+def _thread_name(crash: re.Match[str], following: list[str]) -> str:
+    """The name in "Exception in thread NAME:"; when a log record was written between
+    those words and the name, the name ends the next line."""
+    name = crash["thread"]
+    header = _HEADER.search(crash.string, crash.start("thread"))
+    if header is not None:
+        name = crash.string[crash.start("thread") : header.start()]
+        if not name.strip() and following:
+            name = following[0]
+    return name.strip().rstrip(":")
 
 
 def _thread_crash(verdict: LogVerdict, thread: str, window: list[str]) -> None:
     lines = _traceback(window)
     kind = f"Exception in thread {thread}: {_exception(lines[1:])}"
+    # pynetdicom runs the engine's handlers inside try/except of its own: an exception
+    # that kills a thread it named is its own.
     named = any(name in thread for name in LIBRARY_THREADS)
-    if not _ours(lines) and (named or any(LIBRARY_FRAME in line for line in lines)):
+    if named or (not _ours(lines) and any(LIBRARY_FRAME in line for line in lines)):
         verdict.library_crashes[template(kind)] += 1
         if len(verdict.library_crash_examples) < SHOWN:
             verdict.library_crash_examples.append("\n".join(lines[:SHOWN_LINES]))
@@ -145,7 +180,9 @@ def judge_log(text: str) -> LogVerdict:
         for crash in _THREAD_CRASH.finditer(line):
             verdict.records += 1
             verdict.levels["UNCAUGHT"] += 1
-            _thread_crash(verdict, crash["thread"], lines[i : i + CRASH_WINDOW])
+            _thread_crash(
+                verdict, _thread_name(crash, lines[i + 1 : i + 2]), lines[i : i + CRASH_WINDOW]
+            )
         if line.startswith(_FATAL):
             verdict.records += 1
             verdict.levels["FATAL"] += 1
