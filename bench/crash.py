@@ -529,17 +529,16 @@ def _startup_seconds(text: str) -> float | None:
     """The engine's own start-up in a run's log: from its first line (the configuration,
     logged once loaded) to "engine ready". The index is opened, temp files cleared,
     journals replayed and missing files looked for in between."""
-    lines = text.splitlines()
-    ready = next((line for line in lines if READY_LINE in line), None)
-    if not lines or ready is None:
+    stamps = []  # a line without a time (a thread's traceback on stderr) is skipped
+    for line in text.splitlines():
+        try:
+            stamps.append((datetime.strptime(line[: len(LOG_TIME_EXAMPLE)], LOG_TIME), line))
+        except ValueError:
+            continue
+    ready = next((when for when, line in stamps if READY_LINE in line), None)
+    if not stamps or ready is None:
         return None
-    try:
-        first, last = (
-            datetime.strptime(line[: len(LOG_TIME_EXAMPLE)], LOG_TIME) for line in (lines[0], ready)
-        )
-    except ValueError:
-        return None
-    return (last - first).total_seconds()
+    return (ready - stamps[0][0]).total_seconds()
 
 
 def _error_lines(text: str, limit: int = 5) -> list[str]:
