@@ -17,12 +17,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
 import uvloop
 
 from engine import config as config_module
 from engine.errors import EngineError
-from engine.progress import Bar
+from engine.progress import Bar, report_result
 from engine.reindex import reindex
 from engine.verify import verify
 
@@ -66,9 +65,9 @@ def run(
             rebuilt = uvloop.run(reindex(config, Bar(), args.force))
             for note in rebuilt.notes():
                 print(f"note: {note}", file=sys.stderr)
-            return _report(rebuilt.summary(), rebuilt.problems)
+            return report_result(rebuilt.summary(), rebuilt.problems, SHOWN)
         checked = verify(config, Bar())
-        return _report(checked.summary(), checked.problems)
+        return report_result(checked.summary(), checked.problems, SHOWN)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -76,12 +75,3 @@ def run(
         left = ": the index was left as it was" if args.command == "reindex" else ""
         print(f"\ninterrupted{left}", file=sys.stderr)
         return INTERRUPTED
-
-
-def _report(summary: dict[str, object], problems: list[str]) -> int:
-    sys.stdout.write(orjson.dumps(summary).decode() + "\n")
-    for problem in problems[:SHOWN]:
-        print(f"error: {problem}", file=sys.stderr)
-    if len(problems) > SHOWN:
-        print(f"error: ... and {len(problems) - SHOWN} more", file=sys.stderr)
-    return 1 if problems else 0

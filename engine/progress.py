@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
+
+import orjson
 
 MB = 1024 * 1024
 
@@ -134,3 +136,14 @@ class LogProgress:
     def finish(self) -> None:
         if self._lines:  # a short job: its start line and its result say it all
             self.logger.info("%s", self.counts.line())
+
+
+def report_result(summary: dict[str, Any], problems: list[str], shown: int) -> int:
+    """A long job's end, as its commands print it: the summary as one JSON line on
+    stdout, then up to ``shown`` problems as ``error:`` lines; the exit status."""
+    sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    for problem in problems[:shown]:
+        print(f"error: {problem}", file=sys.stderr)
+    if len(problems) > shown:
+        print(f"error: ... and {len(problems) - shown} more", file=sys.stderr)
+    return 1 if problems else 0

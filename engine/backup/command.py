@@ -13,9 +13,6 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import orjson
 
 from engine import config as config_module
 from engine.backup.create import Backup, Source
@@ -24,7 +21,7 @@ from engine.backup.restore import restore
 from engine.backup.verify import verify
 from engine.config import Config
 from engine.errors import EngineError
-from engine.progress import Bar
+from engine.progress import Bar, report_result
 
 # Problems listed one per line on stderr before "... and N more".
 SHOWN = 20
@@ -91,30 +88,21 @@ def run(
         return INTERRUPTED
 
 
-def _report(summary: dict[str, Any], problems: list[str]) -> int:
-    sys.stdout.write(orjson.dumps(summary).decode() + "\n")
-    for problem in problems[:SHOWN]:
-        print(f"error: {problem}", file=sys.stderr)
-    if len(problems) > SHOWN:
-        print(f"error: ... and {len(problems) - SHOWN} more", file=sys.stderr)
-    return 1 if problems else 0
-
-
 def _backup(config: Config, destination: Path) -> int:
     if same_filesystem(destination, config.storage.path):
         print(f"warning: {SAME_DISK}", file=sys.stderr)
     job = Backup(Source.of(config), destination.resolve(), Bar())
     job.run()
-    return _report(job.summary(), job.problems)
+    return report_result(job.summary(), job.problems, SHOWN)
 
 
 def _verify(destination: Path) -> int:
     folder = BackupFolder(destination.resolve())
     report = verify(folder, Bar())
-    return _report(report.summary(folder), report.problems)
+    return report_result(report.summary(folder), report.problems, SHOWN)
 
 
 def _restore(source: Path, config: Config, force: bool) -> int:
     storage, index = config.storage.path, config.index.path
     result = restore(BackupFolder(source.resolve()), storage, index, force, Bar())
-    return _report(result.summary(storage, index), result.problems)
+    return report_result(result.summary(storage, index), result.problems, SHOWN)
