@@ -24,8 +24,9 @@ from engine.config import Config
 from engine.dicom.listener import Listener, make_listener
 from engine.dicom.qr import QueryEngine
 from engine.errors import EngineError
+from engine.index.backends import make_index
+from engine.index.backends import stats as index_stats
 from engine.index.backups import summary_of as backup_summary_of
-from engine.index.sqlite import SQLiteIndex, stats_of
 from engine.pipeline import Pipeline
 from engine.recovery import recover
 from engine.storage.area import StorageArea
@@ -54,11 +55,10 @@ async def serve(
         config.storage.quarantine,
         config.storage.fsync,
         config.storage.sync_method,
+        node=config_module.node_name(config),
     )
-    index = SQLiteIndex(
-        config.index.path,
-        durable=config.storage.fsync,
-        flush=storage.flusher(config.index.path),
+    index = make_index(
+        config, storage.flusher(None if config.index.shared else config.index.path)
     )
     await index.open()
     try:
@@ -66,7 +66,7 @@ async def serve(
         await recover(storage, index, was_clean)
         pipeline = Pipeline(config, index, storage)
         async with pipeline.running():
-            query = QueryEngine(config.index.path, config.query, config.storage.path)
+            query = QueryEngine(index.reads, config.query, config.storage.path)
             listener = make_listener(
                 config.dicom,
                 config.ingest,
@@ -83,7 +83,13 @@ async def serve(
                 # /metrics goes on the DICOMweb server unless [metrics] gives it a port.
                 on_web = pipeline.metrics if config.metrics is None else None
                 web = DicomWebServer(
-                    config, config.dicomweb, pipeline.receiver, pipeline.decoder, on_web, https
+                    config,
+                    config.dicomweb,
+                    pipeline.receiver,
+                    pipeline.decoder,
+                    on_web,
+                    https,
+                    reads=index.reads,
                 )
             metrics = MetricsServer(config.metrics, pipeline.metrics) if config.metrics else None
             try:
@@ -91,7 +97,12 @@ async def serve(
                     await web.start()
                 if metrics is not None:
                     await metrics.start()
-                log.info("engine ready: storage %s, index %s", storage.root, index.path)
+                log.info(
+                    "engine ready: storage %s, index %s%s",
+                    storage.root,
+                    index.location,
+                    f", node {storage.node}" if storage.node else "",
+                )
                 if on_ready is not None:
                     on_ready(pipeline, listener)
                 # Stable studies and [[forward]] rules, and scheduled backups ([backup]
@@ -161,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info("configuration: %s", orjson.dumps(config_module.describe(config)).decode())
             uvloop.run(_serve_until_signal(config))
         elif args.command == "stats":
-            counts: dict[str, object] = dict(uvloop.run(stats_of(config.index.path)))
-            last_backup = backup_summary_of(config.index.path)  # only once there was one
-            if last_backup is not None:
-                counts["last_backup"] = last_backup
+            counts: dict[str, object] = dict(uvloop.run(index_stats(config)))
+            if not config.index.shared:
+                last_backup = backup_summary_of(config.index.path)  # only once there was one
+                if last_backup is not None:
+                    counts["last_backup"] = last_backup
             sys.stdout.write(orjson.dumps(counts).decode() + "\n")
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import socket
 import tomllib
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -130,9 +133,32 @@ class StorageConfig:
         return self.path / ".quarantine"
 
 
+class IndexBackend(StrEnum):
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
+
+
 @dataclass(frozen=True, slots=True)
 class IndexConfig:
+    # "sqlite": an embedded file (``path``); "postgresql": a server (``url``) that several
+    # engine nodes may share with one storage folder.
+    backend: IndexBackend = IndexBackend.SQLITE
     path: Path = Path("index.sqlite")
+    # postgresql://user@host:port/database; the password comes from the environment
+    # variable named by ``password_env`` (or libpq's PGPASSWORD), never from this file.
+    url: str = ""
+    password_env: str = "ENGINE_INDEX_PASSWORD"
+    # Connections for reads (look-ups, queries, stats); the writer has its own.
+    pool_size: int = 4
+    # This engine's name among the nodes sharing one index and storage folder: in the
+    # names of its files and of its temp, journal and lock entries. Empty: the host
+    # name and DICOM port with the postgresql backend, no name (a single node) with
+    # sqlite.
+    node: str = ""
+
+    @property
+    def shared(self) -> bool:
+        return self.backend is IndexBackend.POSTGRESQL
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +481,64 @@ def _check(config: Config) -> None:
         )
     _check_forwarding(config)
     _check_tls(config)
+    _check_index(config)
+
+
+# A node name: a letter, then letters, digits, "-" or "_" (it goes into file names).
+_NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+
+def _check_index(config: Config) -> None:
+    index = config.index
+    if index.pool_size <= 0:
+        raise ConfigError(f"'index.pool_size' must be greater than 0, not {index.pool_size}")
+    if index.node and not _NODE_NAME.match(index.node):
+        raise ConfigError(
+            f"'index.node' must be a letter then up to 62 letters, digits, - or _,"
+            f" not {index.node!r}"
+        )
+    if index.backend is IndexBackend.POSTGRESQL:
+        if not index.url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                "'index.url' must be a postgresql://user@host:port/database URL with"
+                f" backend = \"postgresql\", not {index.url!r}"
+            )
+        if _url_password(index.url):
+            raise ConfigError(
+                f"'index.url' must not hold a password: put it in the environment variable"
+                f" {index.password_env} (index.password_env)"
+            )
+        if config.backup.interval > 0:
+            raise ConfigError(
+                "'backup.interval': scheduled backups copy an SQLite index; with backend ="
+                " \"postgresql\" back up the database with PostgreSQL's tools (pg_dump,"
+                " base backups) and the storage folder with yours"
+            )
+    elif index.url:
+        raise ConfigError("'index.url' is for backend = \"postgresql\"; sqlite uses 'index.path'")
+
+
+def _url_password(url: str) -> str | None:
+    return urllib.parse.urlsplit(url).password
+
+
+def require_sqlite(config: Config, command: str) -> None:
+    """Refuse a command that works on an SQLite index file only."""
+    if config.index.shared:
+        raise ConfigError(
+            f"'{command}' works on an SQLite index; with backend = \"postgresql\" use"
+            " PostgreSQL's own tools for the database (pg_dump, base backups)"
+        )
+
+
+def node_name(config: Config) -> str:
+    """This engine's node name ("" for a lone SQLite engine without one)."""
+    if config.index.node or not config.index.shared:
+        return config.index.node
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]) or "node"
+    if not host[0].isalpha():
+        host = f"n{host}"
+    return f"{host[:50]}-{config.dicom.port}"
 
 
 def _check_forwarding(config: Config) -> None:

@@ -40,8 +40,8 @@ from engine.config import Config, ForwardingConfig, ForwardRule
 from engine.dicom.qr import Decompressor, QueryEngine
 from engine.dicom.store_scu import Destination, Instance, Progress, send
 from engine.index import forward_queue
+from engine.index.base import Index
 from engine.index.forward_queue import Claim, StudyFacts
-from engine.index.sqlite import SQLiteIndex
 from engine.query.find import Model
 from engine.stability import StabilityMonitor
 
@@ -119,7 +119,7 @@ class Forwarder:
     def __init__(
         self,
         config: Config,
-        index: SQLiteIndex,
+        index: Index,
         query: QueryEngine,
         decoder: codecs.Decoder | None = None,
     ) -> None:
@@ -176,12 +176,15 @@ class Forwarder:
 
     async def _claim(self) -> Claim | float | None:
         """A claimed item; else when the next one is due; None if nothing is queued."""
-        due = await forward_queue.next_due(self.index.reader, self._busy)
+        due = await forward_queue.next_due(self.index, self._busy)
         now = time.time()
         if due is None or due > now:
             return due
         busy = frozenset(self._busy)
-        return await self.index.write(lambda db: forward_queue.claim(db, now, busy, self._lease))
+        dialect = self.index.dialect
+        return await self.index.write(
+            lambda db: forward_queue.claim(db, now, busy, self._lease, dialect)
+        )
 
     async def _forward(self, claim: Claim) -> None:
         try:
@@ -284,7 +287,7 @@ def _failure(progress: Progress, total: int) -> str:
 
 @asynccontextmanager
 async def running(
-    config: Config, index: SQLiteIndex, query: QueryEngine, decoder: codecs.Decoder | None
+    config: Config, index: Index, query: QueryEngine, decoder: codecs.Decoder | None
 ) -> AsyncIterator[Forwarder]:
     """Stable-study checks and the forwarder, for the duration of the block.
 

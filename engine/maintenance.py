@@ -57,6 +57,7 @@ def run(
     setup_logging("WARNING")  # the progress bar is the news; warnings and errors still show
     try:
         config = config_module.load(args.config or default_config)
+        config_module.require_sqlite(config, args.command)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

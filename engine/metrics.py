@@ -19,10 +19,8 @@ Counters and histograms take their own locks, so association threads update them
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine import status
+from engine.index.reads import READ_ERRORS, Connection, Reads, SQLiteReads
 from engine.model import Outcome
 
 log = logging.getLogger(__name__)
@@ -75,49 +74,49 @@ class IndexReadings:
     read_at: float = 0.0  # Unix time of the reading
 
 
-def _scalar(db: sqlite3.Connection, sql: str) -> tuple[bool, Any]:
+def _scalar(db: Connection, sql: str) -> tuple[bool, Any]:
     """(True, the first column of the first row), or (False, None) if the query cannot run
     (its table is not there yet, or the index is busy)."""
     try:
         row = db.execute(sql).fetchone()
-    except sqlite3.Error as exc:
+    except READ_ERRORS as exc:
         if "no such" not in str(exc):  # "no such table/column": a schema not there yet
             log.warning("metrics: cannot read the index (%s): %s", sql, exc)
         return False, None
     return True, (row[0] if row else None)
 
 
-def read_index(path: Path) -> IndexReadings:
+def read_index(source: Reads | Path) -> IndexReadings:
     """The index's operational values, read-only (blocking: call on a worker thread)."""
     now = time.time()
-    if not path.exists():
+    if isinstance(source, Path) and not source.exists():
         return IndexReadings(read_at=now)
+    reads = source if not isinstance(source, Path) else SQLiteReads(source, INDEX_READ_TIMEOUT)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=INDEX_READ_TIMEOUT)
-    except sqlite3.Error as exc:
-        log.warning("metrics: cannot open the index %s: %s", path, exc)
+        with reads.connect() as db:
+            found, finished = _scalar(db, LAST_BACKUP_SQL)
+            last_backup = None
+            if found:
+                # Seconds since the epoch (schema 3); the table exists but no backup
+                # succeeded yet: infinitely old.
+                last_backup = -math.inf if finished is None else float(finished)
+            found, pending = _scalar(db, FORWARD_PENDING_SQL)
+            forward_pending = int(pending) if found and pending is not None else None
+    except READ_ERRORS as exc:
+        log.warning("metrics: cannot open the index: %s", exc)
         return IndexReadings(read_at=now)
-    with contextlib.closing(db):
-        found, finished = _scalar(db, LAST_BACKUP_SQL)
-        last_backup = None
-        if found:
-            # Seconds since the epoch (schema 3); the table exists but no backup succeeded
-            # yet: infinitely old.
-            last_backup = -math.inf if finished is None else float(finished)
-        found, pending = _scalar(db, FORWARD_PENDING_SQL)
-        forward_pending = int(pending) if found and pending is not None else None
     return IndexReadings(last_backup, forward_pending, now)
 
 
 class IndexCollector:
     """Exports the last ``IndexReadings``; ``refresh`` reads new ones before a scrape."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, source: Reads | Path) -> None:
+        self.source = source
         self.readings = IndexReadings()
 
     def refresh(self) -> None:
-        self.readings = read_index(self.path)
+        self.readings = read_index(self.source)
 
     def collect(self) -> Iterator[Metric]:
         r = self.readings
@@ -235,8 +234,8 @@ class Metrics:
         """Count open associations at scrape time (instead of ``associations_active.inc``)."""
         self.associations_active.set_function(active)
 
-    def watch_index(self, path: Path) -> None:
-        self._index = IndexCollector(path)
+    def watch_index(self, source: Reads | Path) -> None:
+        self._index = IndexCollector(source)
         self.registry.register(self._index)
 
     async def exposition(self) -> bytes:

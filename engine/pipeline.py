@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 
 from engine import codecs
 from engine.config import Config, Transcode
-from engine.index.sqlite import SQLiteIndex
+from engine.index.base import Index
 from engine.metrics import Metrics
 from engine.stages import dedupe, validate, write
 from engine.stages.flow import STOP, Item, Stop
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 class Pipeline:
-    def __init__(self, config: Config, index: SQLiteIndex, storage: StorageArea) -> None:
+    def __init__(self, config: Config, index: Index, storage: StorageArea) -> None:
         self.config = config
         self.index = index
         self.storage = storage
@@ -52,7 +52,7 @@ class Pipeline:
         # The engine's metrics (engine/metrics.py): the stages and adapters count into it.
         self.metrics = Metrics()
         self.metrics.watch_queues(self.queues, size)
-        self.metrics.watch_index(index.path)
+        self.metrics.watch_index(index.reads)
         self.receiver = Receiver(self.queues["validate"], config.ingest.store_timeout, self.metrics)
         self.metrics.watch_pipeline(
             lambda: self.receiver.in_pipeline, lambda: self.receiver.waiting

@@ -21,10 +21,10 @@ from pydicom import dcmread
 
 from engine.duplicates import Decision
 from engine.errors import StorageError
-from engine.index.base import InstanceRow
-from engine.index.sqlite import SQLiteIndex
+from engine.index.base import Index, InstanceRow
 from engine.stages.validate import check_uids, extract
-from engine.storage.area import DIGEST_IN_NAME, SUFFIX, StorageArea
+from engine.storage import files
+from engine.storage.area import SUFFIX, StorageArea
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,19 @@ def _replaced_copies(storage: StorageArea, rel_path: str, uid: str) -> list[str]
 
     An overwrite commits the new file's row, then removes the copy it replaced; that
     copy is in no journal, so a crash between the two would leave it without a row.
-    Names are ``<SOPInstanceUID>.<digest16>.dcm``: match the UID exactly, never a
-    longer UID that starts with it.
+    Names are ``<SOPInstanceUID>.<digest16>[.<node>].dcm``: match the UID exactly, never
+    a longer UID that starts with it, and only this node's files.
     """
     folder, name = storage.absolute(rel_path).parent, rel_path.rsplit("/", 1)[-1]
     copies = []
     for path in folder.glob(f"{uid}.*{SUFFIX}"):
-        digest = path.name[len(uid) + 1 : -len(SUFFIX)]
-        if path.name != name and len(digest) == DIGEST_IN_NAME and "." not in digest:
+        parsed = files.parse_name(path.name)
+        if (
+            path.name != name
+            and parsed is not None
+            and parsed.uid == uid
+            and parsed.node == storage.node
+        ):
             copies.append(f"{rel_path.rsplit('/', 1)[0]}/{path.name}")
     return copies
 
@@ -80,7 +85,7 @@ def _quarantine_file(
     storage.quarantine((path.read_bytes(),), note, path.suffix)
 
 
-async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
+async def replay_journals(storage: StorageArea, index: Index) -> int:
     """Settle every journal left behind; returns how many files were indexed."""
     indexed = 0
     for name, entries in storage.journals():
@@ -138,9 +143,10 @@ async def replay_journals(storage: StorageArea, index: SQLiteIndex) -> int:
     return indexed
 
 
-async def drop_missing(storage: StorageArea, index: SQLiteIndex) -> int:
+async def drop_missing(storage: StorageArea, index: Index) -> int:
     """Remove index rows whose file is gone; returns how many."""
-    rows = await index.paths()
+    # A node sharing the index checks its own files only (the others check theirs).
+    rows = await index.paths(f".{storage.node}{SUFFIX}" if storage.node else "")
     if not rows:
         return 0  # a new storage folder, or nothing to check
     log.info("checking that the %d indexed files exist (the last stop was not clean)", len(rows))
@@ -163,7 +169,7 @@ async def drop_missing(storage: StorageArea, index: SQLiteIndex) -> int:
     return len(gone)
 
 
-async def recover(storage: StorageArea, index: SQLiteIndex, was_clean: bool) -> None:
+async def recover(storage: StorageArea, index: Index, was_clean: bool) -> None:
     await replay_journals(storage, index)
     if not was_clean:
         await drop_missing(storage, index)

@@ -5,7 +5,7 @@ clock at each use: becoming stable is an event that forwarding acts on exactly o
 The check that sets the mark also queues the study's forwards, in the same
 transaction, so a crash can neither forward a study twice for one arrival nor
 forget to forward it. The index writer clears the mark when an instance of the study
-is added or replaced (``engine/index/sqlite.py``); the study then settles again, and
+is added or replaced (``engine/index/batch.py``); the study then settles again, and
 its rules are applied again.
 
 ``StabilityMonitor.run`` checks a few times per ``stable_age`` (at least every
@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 
 from engine.index import forward_queue
+from engine.index.base import Index
 from engine.index.forward_queue import Route, Settled
-from engine.index.sqlite import SQLiteIndex
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class StabilityMonitor:
 
     def __init__(
         self,
-        index: SQLiteIndex,
+        index: Index,
         stable_age: float,
         route: Route,
         on_queued: Callable[[], None] = lambda: None,
@@ -70,7 +70,7 @@ class StabilityMonitor:
         while True:
             now = time.time()
             cutoff = now - self.stable_age
-            if not await forward_queue.has_settled(self.index.reader, cutoff):
+            if not await forward_queue.has_settled(self.index, cutoff):
                 return total
             settled = await self.index.write(
                 functools.partial(
@@ -79,6 +79,7 @@ class StabilityMonitor:
                     cutoff=cutoff,
                     route=self.route,
                     limit=STUDIES_PER_TRANSACTION,
+                    dialect=self.index.dialect,
                 )
             )
             for facts in settled.stable:

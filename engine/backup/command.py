@@ -62,6 +62,7 @@ def run(
         config = None
         if args.command == "restore" or not (args.verify and args.to is not None):
             config = config_module.load(args.config or default_config)
+            config_module.require_sqlite(config, args.command)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

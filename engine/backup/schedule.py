@@ -26,7 +26,7 @@ from engine.config import BackupConfig, Config
 from engine.errors import BackupError
 from engine.index import backups
 from engine.index.backups import BackupRecord
-from engine.index.sqlite import SQLiteIndex
+from engine.index.base import Index
 from engine.progress import LogProgress
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 class Schedule:
     def __init__(
-        self, settings: BackupConfig, destination: Path, source: Source, index: SQLiteIndex
+        self, settings: BackupConfig, destination: Path, source: Source, index: Index
     ) -> None:
         self.settings = settings
         self.destination = destination
@@ -155,7 +155,7 @@ class Schedule:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config, index: SQLiteIndex) -> AsyncIterator[None]:
+async def running(config: Config, index: Index) -> AsyncIterator[None]:
     """Scheduled backups while the body runs (nothing, with ``interval = 0``)."""
     settings = config.backup
     if settings.interval <= 0 or settings.destination is None:

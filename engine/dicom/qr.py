@@ -1,7 +1,8 @@
 """Query/retrieve services answered from the index: C-FIND and C-MOVE (C-GET to come).
 
-``QueryEngine.search`` is plain blocking code over a read-only SQLite connection (the
-matching itself is ``engine/query/``); it runs in a worker thread. The native transport
+``QueryEngine.search`` is plain blocking code over a read-only index connection
+(``engine/index/reads.py``, SQLite or PostgreSQL; the matching itself is
+``engine/query/``); it runs in a worker thread. The native transport
 uses it through ``QueryService`` (responses as encoded messages, C-CANCEL between
 matches); the pynetdicom adapter calls ``search`` from its C-FIND handler. Neither the
 matching nor the statuses depend on the transport.
@@ -15,9 +16,7 @@ carry the counts as the sub-operations end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -42,6 +41,7 @@ from engine.dicom import dimse
 from engine.dicom.dimse import CommandField
 from engine.dicom.services import Request, StoreChannel
 from engine.dicom.store_scu import Destination, Instance, Progress, send
+from engine.index.reads import READ_ERRORS, Reads, reads_of
 from engine.query.find import Model, QueryError, plan, run
 from engine.storage import part10
 
@@ -87,8 +87,8 @@ class Found:
 class QueryEngine:
     """Blocking queries over the index (one short-lived read-only connection each)."""
 
-    def __init__(self, index_path: Path, config: QueryConfig, storage_root: Path) -> None:
-        self.index_path = index_path
+    def __init__(self, index: Reads | Path, config: QueryConfig, storage_root: Path) -> None:
+        self.reads = reads_of(index)
         self.config = config
         self.storage_root = storage_root
 
@@ -123,8 +123,7 @@ class QueryEngine:
             " ORDER BY s.study_date, i.study_uid, i.series_uid, i.instance_number,"
             " i.sop_instance_uid"
         )
-        uri = f"file:{self.index_path}?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+        with self.reads.connect() as db:
             rows = db.execute(sql, values).fetchall()
         return [
             Instance(uid, sop_class, syntax, self.storage_root / path)
@@ -133,22 +132,26 @@ class QueryEngine:
 
     def search(self, model: Model, identifier: Dataset) -> Found:
         try:
-            query = plan(model, identifier, fuzzy_names=self.config.case_insensitive_names)
+            query = plan(
+                model,
+                identifier,
+                fuzzy_names=self.config.case_insensitive_names,
+                dialect=self.reads.dialect,
+            )
         except QueryError as exc:
             log.warning("C-FIND refused: %s", exc.message)
             return Found(status=exc.status, comment=exc.message)
         found = Found(pending=query.pending_status)
         limit = self.config.max_matches
-        uri = f"file:{self.index_path}?mode=ro"
         try:
-            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+            with self.reads.connect() as db:
                 matches = run(db, query, limit)
                 found.matches.extend(matches)
                 if matches.limit_hit:
                     found.status = status.OUT_OF_RESOURCES
                     found.comment = f"more than {limit} matches; narrow the query"
                     log.warning("C-FIND stopped at %d matches (query.max_matches)", limit)
-        except sqlite3.Error as exc:
+        except READ_ERRORS as exc:
             log.error("C-FIND failed on the index: %s", exc)
             return Found(status=status.UNABLE_TO_PROCESS, comment=f"index error: {exc}")
         return found

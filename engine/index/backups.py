@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from engine.index.reads import Connection
+
 BUSY_TIMEOUT_MS = 60_000
 
 LAST_GOOD_SQL = "SELECT MAX(finished_at) FROM backups WHERE ok"
@@ -40,7 +42,7 @@ class BackupRecord:
     message: str
 
 
-def insert(db: sqlite3.Connection, record: BackupRecord) -> None:
+def insert(db: Connection, record: BackupRecord) -> None:
     db.execute(
         _INSERT_SQL,
         (
@@ -55,7 +57,7 @@ def insert(db: sqlite3.Connection, record: BackupRecord) -> None:
     )
 
 
-def last(db: sqlite3.Connection) -> BackupRecord | None:
+def last(db: Connection) -> BackupRecord | None:
     """The most recent attempt, good or not."""
     row = db.execute(_LAST_SQL).fetchone()
     if row is None:
@@ -72,7 +74,7 @@ def last(db: sqlite3.Connection) -> BackupRecord | None:
     )
 
 
-def last_good_at(db: sqlite3.Connection) -> float | None:
+def last_good_at(db: Connection) -> float | None:
     """When the last successful backup finished (seconds since the epoch), or None."""
     (value,) = db.execute(LAST_GOOD_SQL).fetchone()
     return None if value is None else float(value)
@@ -82,7 +84,7 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def summary(db: sqlite3.Connection, now: float | None = None) -> dict[str, Any] | None:
+def summary(db: Connection, now: float | None = None) -> dict[str, Any] | None:
     """The last backup for ``engine stats``; None when none was ever recorded."""
     record = last(db)
     if record is None:

@@ -1,8 +1,14 @@
-"""Stable studies and the forwarding queue in the SQLite index (schema 4): the SQL only.
+"""Stable studies and the forwarding queue in the index (schema 4): the SQL only.
 
 The functions that change the index take the writer connection inside a transaction:
-they run through ``SQLiteIndex.write``, on the writer's thread, between two batches
-of the pipeline. The async ones only read, on the index's reader connection.
+they run through ``Index.write``, on the writer's thread, between two batches of the
+pipeline (SQLite or PostgreSQL: the SQL is written once, ``engine/index/dialect.py``).
+The async ones only read (``Index.read``).
+
+Several engine nodes may share a PostgreSQL index: a check marks a study stable, and
+queues its forwards, only if no other node holds it (``FOR UPDATE SKIP LOCKED``; the
+mark is then seen by the others), and a claim skips items another node is claiming,
+so each study is forwarded once per arrival whichever node checks first.
 
 Invariants of the queue (``forward_queue``, ``forward_sent``):
 
@@ -24,11 +30,17 @@ Invariants of the queue (``forward_queue``, ``forward_sent``):
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import aiosqlite
+from engine.index.dialect import SQLITE, Dialect
+from engine.index.reads import Connection
+
+
+class Reader(Protocol):
+    async def read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[Any]: ...
+
 
 PENDING = "pending"
 DONE = "done"
@@ -76,15 +88,14 @@ _UNSETTLED = "SELECT EXISTS (SELECT 1 FROM studies WHERE stable_at IS NULL AND u
 _SETTLING = """
 SELECT study_uid, modalities, study_description FROM studies
 WHERE stable_at IS NULL AND updated_at <= ?
-ORDER BY updated_at LIMIT ?
-"""
+ORDER BY updated_at LIMIT ?"""
 _CALLING_AES = (
     "SELECT DISTINCT calling_ae FROM instances WHERE study_uid = ? AND calling_ae IS NOT NULL"
 )
 _MARK_STABLE = "UPDATE studies SET stable_at = ? WHERE study_uid = ?"
 _ENQUEUE = """
 INSERT INTO forward_queue (study_uid, destination, state, attempts, next_attempt_at, created_at)
-SELECT ?1, ?2, 'pending', 0, ?3, ?3
+SELECT ?1, ?2, 'pending', 0, CAST(?3 AS DOUBLE PRECISION), CAST(?3 AS DOUBLE PRECISION)
 WHERE NOT EXISTS (
     SELECT 1 FROM forward_queue
     WHERE study_uid = ?1 AND destination = ?2 AND state = 'pending' AND attempts = 0)
@@ -101,33 +112,40 @@ AND NOT EXISTS (
     SELECT 1 FROM forward_queue p
     WHERE p.study_uid = q.study_uid AND p.destination = q.destination
     AND p.state = 'pending' AND p.id < q.id)
-ORDER BY q.next_attempt_at, q.id LIMIT 1
-"""
+ORDER BY q.next_attempt_at, q.id LIMIT 1"""
 
 
 # -- reads (the index's reader connection) ------------------------------------------
 
 
-async def has_settled(db: aiosqlite.Connection, cutoff: float) -> bool:
+async def has_settled(db: Reader, cutoff: float) -> bool:
     """Whether a study not yet stable received its last instance at ``cutoff`` or before."""
-    rows = await db.execute_fetchall(_UNSETTLED, (cutoff,))
-    return bool(next(iter(rows))[0])
+    rows = await db.read(_UNSETTLED, (cutoff,))
+    return bool(rows[0][0])
 
 
-async def next_due(db: aiosqlite.Connection, busy: Collection[int]) -> float | None:
+async def next_due(db: Reader, busy: Collection[int]) -> float | None:
     """When the next claimable item is due (None: nothing to send)."""
-    rows = list(await db.execute_fetchall(_eligible_sql(len(busy)), tuple(busy)))
+    rows = await db.read(_eligible_sql(len(busy)), tuple(busy))
     return float(rows[0][4]) if rows else None
 
 
 # -- writes (the writer connection, inside a transaction) ----------------------------
 
 
-def settle(db: sqlite3.Connection, now: float, cutoff: float, route: Route, limit: int) -> Settled:
+def settle(
+    db: Connection,
+    now: float,
+    cutoff: float,
+    route: Route,
+    limit: int,
+    dialect: Dialect = SQLITE,
+) -> Settled:
     """Mark stable up to ``limit`` studies whose last instance came at ``cutoff`` or
     before, and queue each for the destinations ``route`` gives."""
     settled = Settled()
-    for study_uid, modalities, description in db.execute(_SETTLING, (cutoff, limit)).fetchall():
+    settling = _SETTLING + dialect.lock_rows
+    for study_uid, modalities, description in db.execute(settling, (cutoff, limit)).fetchall():
         calling_aes = [ae for (ae,) in db.execute(_CALLING_AES, (study_uid,))]
         facts = StudyFacts(
             study_uid=study_uid,
@@ -144,11 +162,16 @@ def settle(db: sqlite3.Connection, now: float, cutoff: float, route: Route, limi
 
 
 def claim(
-    db: sqlite3.Connection, now: float, busy: Collection[int], lease: Callable[[int], float]
+    db: Connection,
+    now: float,
+    busy: Collection[int],
+    lease: Callable[[int], float],
+    dialect: Dialect = SQLITE,
 ) -> Claim | None:
     """Take the next due item for an attempt; ``lease(attempt)``: seconds until it is
     retried should the attempt never report (the engine killed meanwhile)."""
-    row = db.execute(_eligible_sql(len(busy)), tuple(busy)).fetchone()
+    eligible = _eligible_sql(len(busy)) + dialect.lock_rows
+    row = db.execute(eligible, tuple(busy)).fetchone()
     if row is None or row[4] > now:
         return None
     item_id, study_uid, destination, attempts, _ = row
@@ -164,7 +187,7 @@ def claim(
     )
 
 
-def finish_done(db: sqlite3.Connection, claim: Claim, now: float) -> int:
+def finish_done(db: Connection, claim: Claim, now: float) -> int:
     """The study reached its destination: end the item and those it covers; how many."""
     ids = [
         (item_id,)
@@ -183,7 +206,7 @@ def finish_done(db: sqlite3.Connection, claim: Claim, now: float) -> int:
 
 
 def finish_retry(
-    db: sqlite3.Connection,
+    db: Connection,
     claim: Claim,
     acknowledged: Iterable[str],
     next_attempt_at: float,
@@ -191,7 +214,8 @@ def finish_retry(
 ) -> None:
     """The attempt fell short: keep what was acknowledged, try again at ``next_attempt_at``."""
     db.executemany(
-        "INSERT OR IGNORE INTO forward_sent (queue_id, sop_instance_uid) VALUES (?, ?)",
+        "INSERT INTO forward_sent (queue_id, sop_instance_uid) VALUES (?, ?)"
+        " ON CONFLICT DO NOTHING",
         [(claim.id, uid) for uid in acknowledged],
     )
     db.execute(
@@ -200,7 +224,7 @@ def finish_retry(
     )
 
 
-def finish_failed(db: sqlite3.Connection, claim: Claim, now: float, error: str) -> None:
+def finish_failed(db: Connection, claim: Claim, now: float, error: str) -> None:
     """Given up: the item ends 'failed' with its last error."""
     db.execute(
         "UPDATE forward_queue SET state = 'failed', done_at = ?, last_error = ? WHERE id = ?",

@@ -23,92 +23,18 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from engine.attributes import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
-from engine.duplicates import Decision, Existing
+from engine.duplicates import Existing
 from engine.errors import IndexDatabaseError
+from engine.index import batch
 from engine.index.base import CommitReport, Decide, InstanceRow, QuarantineRow
+from engine.index.batch import STATS_SQL, chunks, select_sql, stats_from
+from engine.index.dialect import SQLITE
+from engine.index.reads import Connection, SQLiteReads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# SQLite's default limit on host parameters is 32766 (since 3.32); stay far below.
-CHUNK = 500
 BUSY_TIMEOUT_MS = 60_000
-
-_PATIENT_COLS = list(PATIENT_KEYS)
-_STUDY_COLS = [c for c in STUDY_KEYS] + ["patient_id", "issuer_of_patient_id"]
-_SERIES_COLS = [c for c in SERIES_KEYS] + ["study_uid"]
-_INSTANCE_COLS = [c for c in INSTANCE_KEYS] + ["series_uid", "study_uid"]
-_FILE_COLS = [
-    "transfer_syntax",
-    "path",
-    "size",
-    "digest",
-    "received_at",
-    "calling_ae",
-    "called_ae",
-    "peer_ip",
-]
-
-
-def _insert(table: str, columns: list[str], extra: str = "") -> str:
-    names = ", ".join(columns)
-    marks = ", ".join("?" for _ in columns)
-    return f"INSERT INTO {table} ({names}) VALUES ({marks}) {extra}"
-
-
-_INSERT_PATIENT = _insert("patients", _PATIENT_COLS, "ON CONFLICT DO NOTHING")
-_INSERT_STUDY = _insert(
-    "studies", [*_STUDY_COLS, "created_at", "updated_at"], "ON CONFLICT DO NOTHING"
-)
-_INSERT_SERIES = _insert("series", [*_SERIES_COLS, "updated_at"], "ON CONFLICT DO NOTHING")
-_INSERT_INSTANCE = _insert("instances", [*_INSTANCE_COLS, *_FILE_COLS])
-_REPLACE_INSTANCE = (
-    "UPDATE instances SET "
-    + ", ".join(f"{c} = ?" for c in [*_INSTANCE_COLS, *_FILE_COLS])
-    + " WHERE sop_instance_uid = ?"
-)
-_PUT_HEADER = "INSERT OR REPLACE INTO instance_headers (sop_instance_uid, header) VALUES (?, ?)"
-_DROP_HEADER = "DELETE FROM instance_headers WHERE sop_instance_uid = ?"
-_INSERT_QUARANTINE = _insert(
-    "quarantine",
-    [
-        "path",
-        "outcome",
-        "status",
-        "reason",
-        "sop_class_uid",
-        "sop_instance_uid",
-        "transfer_syntax",
-        "calling_ae",
-        "called_ae",
-        "peer_ip",
-        "received_at",
-    ],
-)
-_RECOUNT_SERIES = """
-UPDATE series SET
-    num_instances = (SELECT COUNT(*) FROM instances WHERE instances.series_uid = ?1),
-    updated_at = MAX(updated_at, ?2)
-WHERE series_uid = ?1
-"""
-_RECOUNT_STUDY = """
-UPDATE studies SET
-    num_series = (SELECT COUNT(*) FROM series WHERE series.study_uid = ?1 AND num_instances > 0),
-    num_instances = (
-        SELECT COALESCE(SUM(num_instances), 0) FROM series WHERE series.study_uid = ?1),
-    modalities = (SELECT GROUP_CONCAT(modality, '\\') FROM (
-        SELECT DISTINCT modality FROM series
-        WHERE series.study_uid = ?1 AND modality IS NOT NULL AND num_instances > 0
-        ORDER BY modality)),
-    updated_at = MAX(updated_at, ?2)
-WHERE study_uid = ?1
-"""
-# A study that receives an instance (new or replacing one) is no longer stable; the
-# stability task (engine/stability.py) marks it again once it has settled.
-_UNSETTLE_STUDY = (
-    "UPDATE studies SET stable_at = NULL WHERE study_uid = ? AND stable_at IS NOT NULL"
-)
 
 
 def schema_scripts() -> list[tuple[int, str]]:
@@ -124,22 +50,6 @@ def schema_scripts() -> list[tuple[int, str]]:
 SCHEMA_VERSION = schema_scripts()[-1][0]
 
 
-def _select_sql(count: int) -> str:
-    marks = ", ".join("?" for _ in range(count))
-    return (
-        "SELECT sop_instance_uid, digest, path, series_uid, study_uid FROM instances "
-        f"WHERE sop_instance_uid IN ({marks})"
-    )
-
-
-def _chunks(uids: list[str]) -> list[list[str]]:
-    unique = list(dict.fromkeys(uids))
-    return [unique[start : start + CHUNK] for start in range(0, len(unique), CHUNK)]
-
-
-Found = dict[str, tuple[str, str, str, str]]  # uid -> (digest, path, series_uid, study_uid)
-
-
 class SQLiteIndex:
     """The index: one writer thread, one reader connection.
 
@@ -149,6 +59,8 @@ class SQLiteIndex:
     a connection thread cost more than the SQL itself. Reads (duplicate look-ups,
     stats) go through aiosqlite, one round trip each.
     """
+
+    dialect = SQLITE
 
     def __init__(self, path: Path, durable: bool, flush: Callable[[], None] | None = None) -> None:
         """``durable``: a commit is on disk when it returns (SQLite's synchronous=FULL).
@@ -164,6 +76,16 @@ class SQLiteIndex:
         self._write_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._quick: sqlite3.Connection | None = None
+
+    @property
+    def location(self) -> str:
+        """Where the index is, for log lines."""
+        return str(self.path)
+
+    @property
+    def reads(self) -> SQLiteReads:
+        """Read-only connections for worker threads (queries, metrics)."""
+        return SQLiteReads(self.path)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -250,8 +172,8 @@ class SQLiteIndex:
 
     async def lookup(self, sop_instance_uids: list[str]) -> dict[str, Existing]:
         found: dict[str, Existing] = {}
-        for chunk in _chunks(sop_instance_uids):
-            rows = await self.reader.execute_fetchall(_select_sql(len(chunk)), chunk)
+        for chunk in chunks(sop_instance_uids):
+            rows = await self.reader.execute_fetchall(select_sql(len(chunk)), chunk)
             for uid, digest, path, _, _ in rows:
                 found[uid] = Existing(digest, path)
         return found
@@ -262,23 +184,17 @@ class SQLiteIndex:
             return None
         found: dict[str, Existing] = {}
         try:
-            for chunk in _chunks(sop_instance_uids):
-                for uid, digest, path, _, _ in self._quick.execute(_select_sql(len(chunk)), chunk):
+            for chunk in chunks(sop_instance_uids):
+                for uid, digest, path, _, _ in self._quick.execute(select_sql(len(chunk)), chunk):
                     found[uid] = Existing(digest, path)
         except sqlite3.OperationalError as exc:
             log.debug("quick look-up skipped: %s", exc)
             return None
         return found
 
-    def _select_existing(self, uids: list[str]) -> Found:
-        """On the writer's thread, inside its transaction."""
-        found: Found = {}
-        for chunk in _chunks(uids):
-            for uid, digest, path, series_uid, study_uid in self.writer.execute(
-                _select_sql(len(chunk)), chunk
-            ):
-                found[uid] = (digest, path, series_uid, study_uid)
-        return found
+    async def read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[Any]:
+        """The rows of a SELECT, on the reader connection."""
+        return list(await self.reader.execute_fetchall(sql, parameters))
 
     async def has_instances(self) -> bool:
         rows = await self.reader.execute_fetchall("SELECT EXISTS (SELECT 1 FROM instances)")
@@ -287,10 +203,11 @@ class SQLiteIndex:
     async def stats(self) -> dict[str, int]:
         return await read_stats(self.reader)
 
-    async def paths(self) -> list[tuple[str, str]]:
-        """(SOP Instance UID, path) of every instance; for the start-up consistency check."""
+    async def paths(self, suffix: str = "") -> list[tuple[str, str]]:
+        """(SOP Instance UID, path) of every instance whose path ends with ``suffix``;
+        for the start-up consistency check."""
         rows = await self.reader.execute_fetchall("SELECT sop_instance_uid, path FROM instances")
-        return [(uid, path) for uid, path in rows]
+        return [(uid, path) for uid, path in rows if path.endswith(suffix)]
 
     # -- writes (each one transaction on the writer's thread) ----------------------
 
@@ -302,9 +219,11 @@ class SQLiteIndex:
         Rows are judged in order, each against the index as this transaction has
         left it, so two copies of one UID in the same batch are settled too.
         """
-        return await self._on_writer(self._transaction, self._commit, rows, quarantined, decide)
+        return await self._on_writer(
+            self._transaction, batch.commit, self.writer, rows, quarantined, decide
+        )
 
-    async def write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, body: Callable[[Connection], T]) -> T:
         """Run ``body(connection)`` as one transaction on the writer's thread.
 
         For the engine's other writers (stable studies, the forwarding queue): every
@@ -314,7 +233,7 @@ class SQLiteIndex:
 
     async def forget(self, sop_instance_uids: list[str]) -> None:
         """Remove rows (whose files are gone) and recount their series and studies."""
-        await self._on_writer(self._transaction, self._forget, sop_instance_uids)
+        await self._on_writer(self._transaction, batch.forget, self.writer, sop_instance_uids)
 
     def _transaction(self, body: Callable[..., T], *args: Any) -> T:
         db = self.writer
@@ -333,162 +252,11 @@ class SQLiteIndex:
             self.flush()  # an OSError here: committed but not known to be on disk
         return result
 
-    def _commit(
-        self, rows: list[InstanceRow], quarantined: list[QuarantineRow], decide: Decide
-    ) -> CommitReport:
-        db = self.writer
-        report = CommitReport()
-        found = self._select_existing([r.sop_instance_uid for r in rows])
-        inserts: list[InstanceRow] = []
-        replaces: list[InstanceRow] = []
-        touched_series: dict[str, float] = {}
-        touched_studies: dict[str, float] = {}
-        for row in rows:
-            uid = row.sop_instance_uid
-            before = found.get(uid)
-            existing = Existing(before[0], before[1]) if before else None
-            decision = decide(existing, row.digest)
-            report.decisions.append(decision)
-            report.existing.append(existing)
-            if decision is Decision.NEW:
-                inserts.append(row)
-            elif decision is Decision.OVERWRITE:
-                assert before is not None
-                replaces.append(row)
-                touched_series[before[2]] = row.received_at
-                touched_studies[before[3]] = row.received_at
-                if before[1] != row.path:
-                    report.unreferenced.append(before[1])
-            elif existing is not None and existing.path != row.path:
-                report.unreferenced.append(row.path)  # SAME, KEEP, REJECT: new file unused
-            if decision in (Decision.NEW, Decision.OVERWRITE):
-                a = row.attributes
-                found[uid] = (row.digest, row.path, a["series_uid"], a["study_uid"])
-                touched_series[a["series_uid"]] = row.received_at
-                touched_studies[a["study_uid"]] = row.received_at
-        # A candidate path may have become the kept one again later in the batch.
-        kept = {entry[1] for entry in found.values()}
-        report.unreferenced = [p for p in dict.fromkeys(report.unreferenced) if p not in kept]
-        written = inserts + replaces
-        if written:
-            db.executemany(
-                _INSERT_PATIENT, [[r.attributes[c] for c in _PATIENT_COLS] for r in written]
-            )
-            db.executemany(
-                _INSERT_STUDY,
-                [
-                    [*(r.attributes[c] for c in _STUDY_COLS), r.received_at, r.received_at]
-                    for r in written
-                ],
-            )
-            db.executemany(
-                _INSERT_SERIES,
-                [[*(r.attributes[c] for c in _SERIES_COLS), r.received_at] for r in written],
-            )
-        if inserts:
-            db.executemany(_INSERT_INSTANCE, [_instance_values(r) for r in inserts])
-        if replaces:
-            db.executemany(
-                _REPLACE_INSTANCE, [[*_instance_values(r), r.sop_instance_uid] for r in replaces]
-            )
-        if written:
-            db.executemany(
-                _PUT_HEADER, [(r.sop_instance_uid, r.header) for r in written if r.header]
-            )
-            db.executemany(
-                _DROP_HEADER, [(r.sop_instance_uid,) for r in replaces if not r.header]
-            )
-        if touched_series:
-            db.executemany(_RECOUNT_SERIES, list(touched_series.items()))
-            db.executemany(_RECOUNT_STUDY, list(touched_studies.items()))
-            db.executemany(_UNSETTLE_STUDY, [(study,) for study in touched_studies])
-        if quarantined:
-            db.executemany(_INSERT_QUARANTINE, [_quarantine_values(q) for q in quarantined])
-        return report
-
-    def _forget(self, sop_instance_uids: list[str]) -> None:
-        db = self.writer
-        found = self._select_existing(sop_instance_uids)
-        db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", [[u] for u in found])
-        db.executemany(_DROP_HEADER, [[u] for u in found])
-        series = {v[2] for v in found.values()}
-        studies = {v[3] for v in found.values()}
-        db.executemany(_RECOUNT_SERIES, [(s, 0.0) for s in series])
-        db.executemany(
-            "DELETE FROM series WHERE series_uid = ? AND num_instances = 0", [[s] for s in series]
-        )
-        db.executemany(_RECOUNT_STUDY, [(s, 0.0) for s in studies])
-        db.executemany(
-            "DELETE FROM studies WHERE study_uid = ? AND num_instances = 0", [[s] for s in studies]
-        )
-        db.execute(
-            "DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM studies WHERE "
-            "studies.patient_id = patients.patient_id AND "
-            "studies.issuer_of_patient_id = patients.issuer_of_patient_id)"
-        )
-
-
-def _instance_values(row: InstanceRow) -> list[Any]:
-    a = row.attributes
-    return [
-        *(a[c] for c in _INSTANCE_COLS),
-        row.transfer_syntax,
-        row.path,
-        row.size,
-        row.digest,
-        row.received_at,
-        row.calling_ae,
-        row.called_ae,
-        row.peer_ip,
-    ]
-
-
-def _quarantine_values(q: QuarantineRow) -> list[Any]:
-    return [
-        q.path,
-        q.outcome,
-        q.status,
-        q.reason,
-        q.sop_class_uid,
-        q.sop_instance_uid,
-        q.transfer_syntax,
-        q.calling_ae,
-        q.called_ae,
-        q.peer_ip,
-        q.received_at,
-    ]
-
-
-STATS_SQL = """
-SELECT
-    (SELECT COUNT(*) FROM patients),
-    (SELECT COUNT(*) FROM studies),
-    (SELECT COUNT(*) FROM series),
-    (SELECT COUNT(*) FROM instances),
-    (SELECT COALESCE(SUM(size), 0) FROM instances),
-    (SELECT COUNT(*) FROM quarantine),
-    (SELECT COUNT(*) FROM studies WHERE stable_at IS NOT NULL),
-    (SELECT COUNT(*) FROM forward_queue WHERE state = 'pending'),
-    (SELECT COUNT(*) FROM forward_queue WHERE state = 'failed')
-"""
-STATS_KEYS = (
-    "patients",
-    "studies",
-    "series",
-    "instances",
-    "bytes",
-    "quarantined",
-    "stable_studies",
-    "forward_pending",
-    "forward_failed",
-)
-
-
 async def read_stats(db: aiosqlite.Connection) -> dict[str, int]:
     async with db.execute(STATS_SQL) as cursor:
         row = await cursor.fetchone()
     assert row is not None
-    return dict(zip(STATS_KEYS, (int(v) for v in row), strict=True))
+    return stats_from(row)
 
 
 async def stats_of(path: Path) -> dict[str, int]:

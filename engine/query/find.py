@@ -13,15 +13,15 @@ level is returned empty and not matched, as PS3.4 allows for optional keys it
 does not support: ``Plan.unsupported`` lists them, so that the caller can send
 Pending 0xFF01 instead of 0xFF00.
 
-``run`` executes a plan on a caller's connection (reads only) and yields the
-responses; SQLite errors propagate as ``sqlite3.Error``.
+``run`` executes a plan on a caller's connection (reads only: ``engine/index/reads.py``)
+and yields the responses; database errors propagate (``IndexReadError`` and
+``sqlite3.Error``). The SQL is built for the index's dialect (``plan(dialect=...)``).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
+from engine.index.dialect import SQLITE, Dialect
+from engine.index.reads import Connection, Cursor
 from engine.query import matching
 from engine.query.keys import BY_KEYWORD, KEYS, Key, Matching
 from engine.query.levels import HIERARCHY, Level, Tables
@@ -79,6 +81,7 @@ class Plan:
     returns: tuple[ReturnKey, ...]
     unsupported: tuple[BaseTag, ...]  # keys returned empty or not matched
     charset: str | None  # the request's SpecificCharacterSet
+    dialect: Dialect = SQLITE
 
     @property
     def pending_status(self) -> int:
@@ -177,21 +180,30 @@ def _check_hierarchy(model: Model, level: Level, identifier: Dataset) -> None:
             )
 
 
-def _match(key: Key, tables: Tables, values: list[str], fuzzy: bool) -> matching.Condition:
+def _match(
+    key: Key, tables: Tables, values: list[str], fuzzy: bool, dialect: Dialect
+) -> matching.Condition:
     fuzzy = fuzzy and key.matching is Matching.NAME
     try:
         if key.column is not None:
             expr = tables.column(key.level, key.column)
-            return matching.condition(key.matching, expr, values, fuzzy=fuzzy)
+            return matching.condition(key.matching, expr, values, fuzzy=fuzzy, dialect=dialect)
         assert key.exists is not None and key.matched is not None
-        inner = matching.condition(key.matching, key.matched, values, fuzzy=fuzzy)
+        inner = matching.condition(
+            key.matching, key.matched, values, fuzzy=fuzzy, dialect=dialect
+        )
     except BadValue as exc:
         raise QueryError(INVALID_MATCHING_VALUE, f"{key.keyword}: {exc}") from exc
     return matching.Condition(tables.expand(key.exists).replace("{match}", inner.sql), inner.params)
 
 
 def plan(
-    model: Model, identifier: Dataset, *, fuzzy_names: bool = False, relational: bool = False
+    model: Model,
+    identifier: Dataset,
+    *,
+    fuzzy_names: bool = False,
+    relational: bool = False,
+    dialect: Dialect = SQLITE,
 ) -> Plan:
     """Check a C-FIND identifier and build its query; raises QueryError.
 
@@ -228,7 +240,7 @@ def plan(
             log.debug("%s is a return key; its value %r is not matched", key.keyword, values)
             unsupported.append(tag)
             continue
-        condition = _match(key, tables, values, fuzzy_names)
+        condition = _match(key, tables, values, fuzzy_names, dialect)
         where.append(condition.sql)
         params.extend(condition.params)
     order = [tables.column(owner, column) for owner, column in _ORDER[level]]
@@ -246,6 +258,7 @@ def plan(
         tuple(returns),
         tuple(unsupported),
         "\\".join(charset) or None,
+        dialect,
     )
     log.debug("C-FIND %s %s: %s %r", model.value, level.value, sql, query.params)
     return query
@@ -259,8 +272,8 @@ class Matches(Iterator[Dataset]):
     (a C-CANCEL).
     """
 
-    def __init__(self, cursor: sqlite3.Cursor, plan: Plan, limit: int | None) -> None:
-        self._cursor: sqlite3.Cursor | None = cursor
+    def __init__(self, cursor: Cursor, plan: Plan, limit: int | None) -> None:
+        self._cursor: Cursor | None = cursor
         self._plan = plan
         self._limit = limit
         self.count = 0
@@ -289,7 +302,7 @@ class Matches(Iterator[Dataset]):
             self._cursor = None
 
 
-def run(db: sqlite3.Connection, plan: Plan, limit: int | None = None, offset: int = 0) -> Matches:
+def run(db: Connection, plan: Plan, limit: int | None = None, offset: int = 0) -> Matches:
     """Execute ``plan`` on ``db`` (a SELECT only): the response identifiers, lazily.
 
     ``limit``: yield at most this many; ``Matches.limit_hit`` says whether there
@@ -307,4 +320,5 @@ def limited(plan: Plan, limit: int | None, offset: int = 0) -> tuple[str, tuple[
         raise ValueError(f"offset must not be negative: {offset}")
     if limit is None and not offset:
         return plan.sql, plan.params
-    return f"{plan.sql} LIMIT ? OFFSET ?", (*plan.params, -1 if limit is None else limit, offset)
+    count = plan.dialect.no_limit if limit is None else limit
+    return f"{plan.sql} LIMIT ? OFFSET ?", (*plan.params, count, offset)

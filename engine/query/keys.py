@@ -124,13 +124,15 @@ _COMPUTED = [
     _key(
         "NumberOfPatientRelatedSeries",
         Level.PATIENT,
-        f"(SELECT COALESCE(SUM(x.num_series), 0) FROM studies x WHERE {_SAME_PATIENT})",
+        f"(SELECT CAST(COALESCE(SUM(x.num_series), 0) AS BIGINT) FROM studies x"
+        f" WHERE {_SAME_PATIENT})",
         Matching.RETURN_ONLY,
     ),
     _key(
         "NumberOfPatientRelatedInstances",
         Level.PATIENT,
-        f"(SELECT COALESCE(SUM(x.num_instances), 0) FROM studies x WHERE {_SAME_PATIENT})",
+        f"(SELECT CAST(COALESCE(SUM(x.num_instances), 0) AS BIGINT) FROM studies x"
+        f" WHERE {_SAME_PATIENT})",
         Matching.RETURN_ONLY,
     ),
     _key("NumberOfStudyRelatedSeries", Level.STUDY, "{STUDY.num_series}", Matching.RETURN_ONLY),
@@ -159,7 +161,7 @@ _COMPUTED = [
         "SOPClassesInStudy",
         Level.STUDY,
         "(SELECT GROUP_CONCAT(c, '\\') FROM (SELECT DISTINCT x.sop_class_uid AS c "
-        "FROM instances x WHERE x.study_uid = {STUDY.study_uid} ORDER BY c))",
+        "FROM instances x WHERE x.study_uid = {STUDY.study_uid} ORDER BY c) AS classes)",
         Matching.UID,
         exists=(
             "EXISTS (SELECT 1 FROM instances x WHERE x.study_uid = {STUDY.study_uid} AND {match})"

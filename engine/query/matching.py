@@ -5,18 +5,18 @@ values in it. Several values for one key (a backslash-separated list) match when
 any of them does: PS3.4 defines that for UIDs (list of UID matching) and for
 ModalitiesInStudy; it is extended to every key, as most archives do.
 
-Wildcards use SQLite's GLOB, which is case-sensitive like DICOM matching and,
-with a literal prefix, can use an index. GLOB has no escape character: ``[`` and
-``]`` are written as the one-character classes ``[[]`` and ``[]]``.
+Wildcards are the backend's case-sensitive pattern matching (SQLite's GLOB,
+PostgreSQL's LIKE: ``engine/index/dialect.py``), which with a literal prefix can
+use an index.
 
 Case-insensitive person names compare ``lower()`` values; SQLite's built-in
-``lower()`` folds ASCII letters only, so the value is folded the same way here
-(``É`` and ``é`` stay different). A name without ``=`` also matches any one
-component group of a stored name: ``Yamada^Tarou``, ``山田^太郎`` and ``やまだ*`` all
-find ``Yamada^Tarou=山田^太郎=やまだ^たろう`` (alphabetic, ideographic and phonetic
-groups, as Japanese names are stored). The stored value is the whole decoded name,
-whatever character set it arrived in, so the query's own character set does not
-matter either.
+``lower()`` folds ASCII letters only (PostgreSQL's too, on the "C" collation), so
+the value is folded the same way here (``É`` and ``é`` stay different). A name
+without ``=`` also matches any one component group of a stored name:
+``Yamada^Tarou``, ``山田^太郎`` and ``やまだ*`` all find
+``Yamada^Tarou=山田^太郎=やまだ^たろう`` (alphabetic, ideographic and phonetic groups,
+as Japanese names are stored). The stored value is the whole decoded name, whatever
+character set it arrived in, so the query's own character set does not matter either.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
+from engine.index.dialect import SQLITE, Dialect
 from engine.query import ranges
 from engine.query.keys import Matching
 from engine.query.ranges import BadValue
@@ -36,7 +37,6 @@ _AFTER_GROUP_SEPARATOR = ">"
 # SQLite's default limit on host parameters is 32766; a longer list is refused.
 MAX_VALUES = 1000
 
-_GLOB_ESCAPES = str.maketrans({"[": "[[]", "]": "[]]"})
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
@@ -55,12 +55,9 @@ def has_wildcard(value: str) -> bool:
     return any(w in value for w in WILDCARDS)
 
 
-def glob(value: str) -> str:
-    """A DICOM wildcard value as a GLOB pattern: ``*`` and ``?`` mean the same."""
-    return value.translate(_GLOB_ESCAPES)
-
-
-def condition(matching: Matching, expr: str, values: list[str], *, fuzzy: bool) -> Condition:
+def condition(
+    matching: Matching, expr: str, values: list[str], *, fuzzy: bool, dialect: Dialect = SQLITE
+) -> Condition:
     """The condition on the SQL expression ``expr`` for a key's non-universal ``values``.
 
     Raises BadValue for a value that cannot be matched as its VR requires.
@@ -71,7 +68,7 @@ def condition(matching: Matching, expr: str, values: list[str], *, fuzzy: bool) 
         return _uids(expr, values)
     if matching is Matching.RETURN_ONLY:
         raise ValueError("a return key is not matched")
-    parts = [_one(matching, expr, value, fuzzy) for value in values]
+    parts = [_one(matching, expr, value, fuzzy, dialect) for value in values]
     if len(parts) == 1:
         return parts[0]
     return Condition(
@@ -80,12 +77,12 @@ def condition(matching: Matching, expr: str, values: list[str], *, fuzzy: bool) 
     )
 
 
-def _one(matching: Matching, expr: str, value: str, fuzzy: bool) -> Condition:
+def _one(matching: Matching, expr: str, value: str, fuzzy: bool, dialect: Dialect) -> Condition:
     if matching is Matching.NAME:
-        return _name(expr, value, fuzzy)
+        return _name(expr, value, fuzzy, dialect)
     if matching is Matching.TEXT:
         if has_wildcard(value):
-            return Condition(f"{expr} GLOB ?", (glob(value),))
+            return Condition(dialect.wildcard(expr), (dialect.pattern(value),))
         return Condition(f"{expr} = ?", (value,))
     if has_wildcard(value):
         raise BadValue(f"{value!r}: wildcards are for text values only")
@@ -119,32 +116,34 @@ def _uids(expr: str, values: list[str]) -> Condition:
     return Condition(f"{expr} IN ({marks})", tuple(unique))
 
 
-def _name(expr: str, value: str, fuzzy: bool) -> Condition:
+def _name(expr: str, value: str, fuzzy: bool, dialect: Dialect) -> Condition:
     if fuzzy:
         expr, value = f"lower({expr})", value.translate(_ASCII_LOWER)
     groups = GROUP_SEPARATOR not in value  # also match any one component group
     sep = GROUP_SEPARATOR
+    like = dialect.wildcard(expr)
     if has_wildcard(value):
-        pattern = glob(value)
         if groups:
-            later = (f"*{sep}{pattern}{sep}*", f"*{sep}{pattern}")
+            patterns = (value, f"{value}{sep}*", f"*{sep}{value}{sep}*", f"*{sep}{value}")
             return Condition(
-                f"({expr} GLOB ? OR {expr} GLOB ? OR {expr} GLOB ? OR {expr} GLOB ?)",
-                (pattern, f"{pattern}{sep}*", *later),
+                f"({like} OR {like} OR {like} OR {like})",
+                tuple(dialect.pattern(p) for p in patterns),
             )
-        return Condition(f"{expr} GLOB ?", (pattern,))
+        return Condition(like, (dialect.pattern(value),))
     if groups:
         # The first group as a range on the text, so that the patients_name index
-        # serves the common case; the later groups by GLOB.
-        literal = glob(value)
+        # serves the common case; the later groups by pattern. The value's own
+        # characters are literal: only the added "*" is a wildcard.
+        literal = dialect.pattern(value)
+        star = dialect.pattern("*")
         return Condition(
-            f"({expr} = ? OR ({expr} >= ? AND {expr} < ?) OR {expr} GLOB ? OR {expr} GLOB ?)",
+            f"({expr} = ? OR ({expr} >= ? AND {expr} < ?) OR {like} OR {like})",
             (
                 value,
                 value + sep,
                 value + _AFTER_GROUP_SEPARATOR,
-                f"*{sep}{literal}{sep}*",
-                f"*{sep}{literal}",
+                f"{star}{sep}{literal}{sep}{star}",
+                f"{star}{sep}{literal}",
             ),
         )
     return Condition(f"{expr} = ?", (value,))

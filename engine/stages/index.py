@@ -16,6 +16,7 @@ from engine import status
 from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, decide
 from engine.index.base import Decide, Index, InstanceRow, QuarantineRow
+from engine.index.postgresql import is_disk_full
 from engine.metrics import Metrics
 from engine.model import Outcome, Result
 from engine.stages.dedupe import DUPLICATE_MESSAGE, OUTCOME_OF
@@ -98,8 +99,10 @@ class IndexStage:
         except Exception as exc:
             # Files stay, journals stay: the start-up recovery settles them. Nothing
             # here may delete a file another item could be committing right now.
-            full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
-                is_out_of_space(exc)
+            full = (
+                getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                or is_disk_full(exc)
+                or is_out_of_space(exc)
             )
             log.exception("index commit failed for a batch of %d", len(batch))
             outcome = Outcome.OUT_OF_RESOURCES if full else Outcome.PROCESSING_FAILURE

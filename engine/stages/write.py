@@ -235,7 +235,10 @@ async def run(
                 if item.rejection is None and item.validated is not None:
                     v = item.validated
                     item.path = storage.instance_path(
-                        v.attributes["study_uid"], item.received.sop_instance_uid, v.digest
+                        v.attributes["study_uid"],
+                        item.received.sop_instance_uid,
+                        v.digest,
+                        storage.node,
                     )
                     in_flight.claim(item.path)
             try:

@@ -3,12 +3,18 @@
 Layout under the configured root (local disk or a NAS mount)::
 
     ab/cd/<StudyInstanceUID>/<SOPInstanceUID>.<digest16>.dcm   instance files
+                             (<SOPInstanceUID>.<digest16>.<node>.dcm for a named node)
     .incoming/                                                 temp files being written
     .journal/<run>.log                                         batches renamed into place, one JSON
                                                                line each, and their "done" lines
     .quarantine/<YYYYMMDD>/<time>-<id>.dcm + .json             rejected input (default place)
     .clean-shutdown                                            present only while stopped cleanly
     .lock                                                      flock held by the running engine
+
+Several engine nodes may share one folder (with a PostgreSQL index): each has a name
+(``[index] node``), written into its file names so that two nodes never write the same
+name, and its own ``.incoming-<node>``, ``.journal-<node>``, ``.clean-shutdown-<node>``
+and ``.lock-<node>``: a node's start-up clears and replays only its own unfinished work.
 
 Invariants:
 
@@ -98,9 +104,16 @@ def make_dirs(directory: Path) -> list[Path]:
 
 class StorageArea:
     def __init__(
-        self, root: Path, quarantine: Path, fsync: bool, sync_method: SyncMethod = SyncMethod.FSYNC
+        self,
+        root: Path,
+        quarantine: Path,
+        fsync: bool,
+        sync_method: SyncMethod = SyncMethod.FSYNC,
+        node: str = "",
     ) -> None:
         self.root = root
+        self.node = node
+        own = f"-{node}" if node else ""
         self.quarantine_root = quarantine
         self.fsync = fsync
         if fsync and sync_method is SyncMethod.SYNCFS and _SYNCFS is None:
@@ -110,8 +123,10 @@ class StorageArea:
         # journal and the directories: nothing is synced one by one.
         self.sync_each = fsync and sync_method is SyncMethod.FSYNC
         self.sync_batch = fsync and sync_method is SyncMethod.SYNCFS
-        self.incoming = root / INCOMING
-        self.journal_dir = root / JOURNAL
+        self.incoming = root / f"{INCOMING}{own}"
+        self.journal_dir = root / f"{JOURNAL}{own}"
+        self.clean_mark = root / f"{CLEAN_MARK}{own}"
+        self.lock_path = root / f"{LOCK}{own}"
         self._lock_fd: int | None = None
         # The journal log of this run (see ``_write_journal``) and the batches in each
         # log not yet ended; the logs of an interrupted run being replayed.
@@ -151,7 +166,7 @@ class StorageArea:
             removed += 1
         if removed:
             log.warning("removed %d temp files left by an interrupted write", removed)
-        mark = self.root / CLEAN_MARK
+        mark = self.clean_mark
         was_clean = mark.exists()
         mark.unlink(missing_ok=True)
         return was_clean
@@ -159,12 +174,13 @@ class StorageArea:
     def _lock(self) -> None:
         """One engine per storage folder: a second one would clear the first's temp files
         and replay its live journals. The lock lives as long as the process."""
-        self._lock_fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise StorageError(f"another engine is using the storage folder {self.root}") from None
+            who = f"another engine named {self.node}" if self.node else "another engine"
+            raise StorageError(f"{who} is using the storage folder {self.root}") from None
 
     def release(self) -> None:
         if self._log_fd >= 0:
@@ -177,9 +193,9 @@ class StorageArea:
     def mark_clean(self) -> None:
         """At a clean stop, after the last commit: no file was left half-done."""
         self.close_journal()
-        (self.root / CLEAN_MARK).write_bytes(b"")
+        self.clean_mark.write_bytes(b"")
 
-    def flusher(self, index_path: Path) -> Callable[[], None] | None:
+    def flusher(self, index_path: Path | None) -> Callable[[], None] | None:
         """With syncfs: the one flush per batch, run after the index commit.
 
         It syncs the storage folder's filesystem, and the index's if that is another
@@ -196,9 +212,10 @@ class StorageArea:
         def flush() -> None:
             if not folders:  # first commit: both folders exist by now
                 folders.append(self.root)
-                index_folder = index_path.resolve().parent
-                if index_folder.stat().st_dev != self.root.stat().st_dev:
-                    folders.append(index_folder)
+                if index_path is not None:  # None: the index is on a server
+                    index_folder = index_path.resolve().parent
+                    if index_folder.stat().st_dev != self.root.stat().st_dev:
+                        folders.append(index_folder)
             for folder in folders:
                 _syncfs(folder)
 
@@ -207,9 +224,11 @@ class StorageArea:
     # -- paths ----------------------------------------------------------------
 
     @staticmethod
-    def instance_path(study_uid: str, sop_instance_uid: str, digest: str) -> str:
+    def instance_path(study_uid: str, sop_instance_uid: str, digest: str, node: str = "") -> str:
+        """Where an instance goes (relative); ``node``: the name of the node writing it."""
         shard = hashlib.sha1(study_uid.encode(), usedforsecurity=False).hexdigest()
-        name = f"{sop_instance_uid}.{digest[:DIGEST_IN_NAME]}{SUFFIX}"
+        named = f".{node}" if node else ""
+        name = f"{sop_instance_uid}.{digest[:DIGEST_IN_NAME]}{named}{SUFFIX}"
         return f"{shard[:2]}/{shard[2:4]}/{study_uid}/{name}"
 
     def absolute(self, rel_path: str) -> Path:

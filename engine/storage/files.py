@@ -32,9 +32,10 @@ from engine.storage.area import DIGEST_IN_NAME, SUFFIX
 # (a CT header is 1-4 KB; a longer one makes the caller read the dataset whole).
 CHUNK = 1024 * 1024
 HIDDEN = "."
-# <SOPInstanceUID>.<first 16 hex digits of the digest>.dcm (StorageArea.instance_path)
+# <SOPInstanceUID>.<first 16 hex digits of the digest>[.<node>].dcm (StorageArea.instance_path)
 _NAME = re.compile(
-    rf"^(?P<uid>[0-9.]+)\.(?P<digest>[0-9a-f]{{{DIGEST_IN_NAME}}}){re.escape(SUFFIX)}$"
+    rf"^(?P<uid>[0-9.]+)\.(?P<digest>[0-9a-f]{{{DIGEST_IN_NAME}}})"
+    rf"(?:\.(?P<node>[A-Za-z][A-Za-z0-9_-]*))?{re.escape(SUFFIX)}$"
 )
 
 
@@ -57,16 +58,18 @@ class StoredFile:
 
 @dataclass(frozen=True, slots=True)
 class Name:
-    """What the engine's file name says: the SOP Instance UID and the digest's start."""
+    """What the engine's file name says: the SOP Instance UID, the digest's start, and the
+    node that wrote it ("" for a single engine)."""
 
     uid: str
     digest: str
+    node: str = ""
 
 
 def parse_name(name: str) -> Name | None:
     """The parts of an instance file's name, or None for a name the engine does not give."""
     match = _NAME.match(name)
-    return Name(match["uid"], match["digest"]) if match else None
+    return Name(match["uid"], match["digest"], match["node"] or "") if match else None
 
 
 def walk(root: Path, skip: Collection[Path] = ()) -> Iterator[StoredFile]:

@@ -1,16 +1,16 @@
 """What WADO-RS reads from the index: the stored instances of a study, series or instance.
 
-Blocking code over a short-lived read-only SQLite connection, run in a worker
-thread (as the C-FIND and C-MOVE queries are). The headers kept at ingest
+Blocking code over a short-lived read-only index connection (``engine/index/reads.py``),
+run in a worker thread (as the C-FIND and C-MOVE queries are). The headers kept at ingest
 (``instance_headers``) come with each row, so metadata needs no file reads.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.index.reads import Reads, reads_of
 
 # Sort order of a retrieval: series by number, instances by number.
 _ORDER = "se.series_number, i.series_uid, i.instance_number, i.sop_instance_uid"
@@ -31,8 +31,8 @@ class StoredInstance:
 
 
 class Catalog:
-    def __init__(self, index_path: Path, storage_root: Path) -> None:
-        self.index_path = index_path
+    def __init__(self, index: Reads | Path, storage_root: Path) -> None:
+        self.reads = reads_of(index)
         self.storage_root = storage_root
 
     def instances(
@@ -64,8 +64,7 @@ class Catalog:
             f" FROM instances i JOIN series se ON se.series_uid = i.series_uid {join}"
             f" WHERE {' AND '.join(where)} ORDER BY {_ORDER}"
         )
-        uri = f"file:{self.index_path}?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+        with self.reads.connect() as db:
             rows = db.execute(sql, params).fetchall()
         return [
             StoredInstance(

@@ -10,9 +10,7 @@ default attributes of PS3.18 table 10.6.3-3 and 10.6.3-4 plus those named by
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
 from engine.config import Config
+from engine.index.reads import Reads, reads_of
 from engine.query.find import Model, QueryError, limited, plan
 from engine.query.keys import KEYS
 from engine.query.levels import Level
@@ -227,25 +226,26 @@ def _retrieve_url(base: str, level: Level, result: dict[str, Any]) -> str | None
 
 
 def run_search(
-    search: Search, index_path: Path, config: Config, base_url: str
+    search: Search, index: Reads | Path, config: Config, base_url: str
 ) -> tuple[list[dict[str, Any]], bool]:
     """The matches as DICOM JSON objects, and whether more are left past the limit.
 
     Blocking (run it in a worker thread). Raises BadQuery, or QueryError for a
     matching value that cannot be understood.
     """
+    reads = reads_of(index)
     try:
         query = plan(
             Model.STUDY_ROOT,
             identifier(search),
             fuzzy_names=search.fuzzy or config.query.case_insensitive_names,
             relational=True,
+            dialect=reads.dialect,
         )
     except QueryError as exc:
         raise BadQuery(exc.message) from exc
     sql, params = limited(query, search.limit + 1, search.offset)
-    uri = f"file:{index_path}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+    with reads.connect() as db:
         rows = db.execute(sql, params).fetchall()
     more = len(rows) > search.limit
     results = []

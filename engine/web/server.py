@@ -30,11 +30,9 @@ import base64
 import binascii
 import hmac
 import logging
-import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -43,6 +41,7 @@ from aiohttp import BodyPartReader, web
 from engine import codecs
 from engine import status as dimse_status
 from engine.config import Config, DicomWebConfig
+from engine.index.reads import READ_ERRORS, Reads, SQLiteReads
 from engine.metrics import Metrics
 from engine.model import Origin
 from engine.query.levels import Level
@@ -95,17 +94,19 @@ class DicomWebServer:
         decoder: codecs.Decoder,
         metrics: Metrics | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        reads: Reads | None = None,
     ) -> None:
         """``metrics``: serve them at ``/metrics`` too (None: they are served elsewhere).
-        ``ssl_context``: HTTPS (``[dicomweb] tls``, engine/certificates.py)."""
+        ``ssl_context``: HTTPS (``[dicomweb] tls``, engine/certificates.py). ``reads``:
+        the running index's read connections (default: the SQLite file configured)."""
         self.config = config
         self.ssl_context = ssl_context
         self.web = web_config
         self.receiver = receiver
         self.decoder = decoder
         self.metrics = metrics
-        self.catalog = Catalog(config.index.path, config.storage.path)
-        self.index_path: Path = config.index.path
+        self.reads: Reads = reads if reads is not None else SQLiteReads(config.index.path)
+        self.catalog = Catalog(self.reads, config.storage.path)
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.app = self._build()
@@ -190,7 +191,7 @@ class DicomWebServer:
                 message = f"no such resource: {request.path}"
             elif status == 405:
                 message = f"{request.method} is not allowed on {request.path}"
-        except sqlite3.Error as exc:
+        except READ_ERRORS as exc:
             log.error("DICOMweb %s %s: index error: %s", request.method, request.path_qs, exc)
             return _error(503, f"the index cannot be read right now: {exc}")
         except Exception as exc:
@@ -343,7 +344,7 @@ class DicomWebServer:
             self.web.max_results,
         )
         results, more = await asyncio.to_thread(
-            qido.run_search, search, self.index_path, self.config, self._base_url(request)
+            qido.run_search, search, self.reads, self.config, self._base_url(request)
         )
         headers = {}
         if more:
