@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,72 @@ def test_unreadable_toml_is_reported(tmp_path: Path) -> None:
     path.write_text("[dicom\nport = 1\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         config_module.load(path)
+
+
+PG_URL = "postgresql://engine@127.0.0.1:5432/pacs"
+
+
+@pytest.mark.parametrize(
+    ("index", "extra", "named"),
+    [
+        ({"backend": "mysql"}, {}, "index.backend"),
+        ({"backend": "postgresql"}, {}, "index.url"),
+        ({"backend": "postgresql", "url": "sqlite:///x"}, {}, "index.url"),
+        ({"backend": "postgresql", "url": "postgresql://engine:secret@h/db"}, {}, "password"),
+        ({"path": "i.sqlite", "url": PG_URL}, {}, "index.url"),
+        ({"backend": "postgresql", "url": PG_URL, "node": "1abc"}, {}, "index.node"),
+        ({"backend": "postgresql", "url": PG_URL, "node": "a.b"}, {}, "index.node"),
+        ({"backend": "postgresql", "url": PG_URL, "pool_size": 0}, {}, "index.pool_size"),
+        (
+            {"backend": "postgresql", "url": PG_URL},
+            {"backup": {"destination": "b", "interval": 60}},
+            "backup.interval",
+        ),
+    ],
+)
+def test_wrong_index_settings_are_named(
+    tmp_path: Path, index: dict[str, object], extra: dict[str, object], named: str
+) -> None:
+    raw = {**MINIMAL, "index": index, **extra}
+    with pytest.raises(ConfigError, match=named):
+        config_module.from_mapping(raw, base=tmp_path)
+
+
+def test_postgresql_node_names(tmp_path: Path) -> None:
+    raw = {**MINIMAL, "dicom": {"port": 11150}, "index": {"backend": "postgresql", "url": PG_URL}}
+    config = config_module.from_mapping(raw, base=tmp_path)
+    assert config.index.shared
+    default = config_module.node_name(config)
+    # The host name and the DICOM port: two nodes on one machine differ by port.
+    assert default.endswith("-11150") and default[0].isalpha()
+    assert "." not in default and "/" not in default
+    named = config_module.from_mapping(
+        {**raw, "index": {**raw["index"], "node": "pacs1"}}, base=tmp_path
+    )
+    assert config_module.node_name(named) == "pacs1"
+    # A lone SQLite engine has no node name: its files keep their names.
+    assert config_module.node_name(config_module.from_mapping(MINIMAL, base=tmp_path)) == ""
+
+
+@pytest.mark.parametrize("command", ["backup", "restore", "reindex", "verify"])
+def test_sqlite_only_commands_refuse_postgresql(tmp_path: Path, command: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[dicom]\n[storage]\npath = "st"\n[index]\nbackend = "postgresql"\nurl = "{PG_URL}"\n'
+    )
+    args = {
+        "backup": ["backup", "--to", str(tmp_path / "b")],
+        "restore": ["restore", "--from", str(tmp_path / "b")],
+        "reindex": ["reindex"],
+        "verify": ["verify"],
+    }[command]
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", *args, "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"'{command}' works on an SQLite index" in done.stderr
+    assert "pg_dump" in done.stderr

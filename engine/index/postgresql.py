@@ -412,7 +412,7 @@ class PostgresIndex:
         if not suffix:
             rows = await self.read("SELECT sop_instance_uid, path FROM instances")
         else:
-            pattern = "%" + POSTGRESQL.pattern(suffix).replace("%", "\\%")
+            pattern = POSTGRESQL.pattern("*" + suffix)
             rows = await self.read(
                 "SELECT sop_instance_uid, path FROM instances WHERE path LIKE ?", (pattern,)
             )
