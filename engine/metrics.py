@@ -39,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine import status
+from engine.index.backups import LAST_GOOD_SQL
 from engine.index.reads import READ_ERRORS, Connection, Reads, SQLiteReads
 from engine.model import Outcome
 
@@ -56,7 +57,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Seconds a scrape waits for the index (it is written by one writer at a time, in WAL mode,
 # so a reader is normally never blocked).
 INDEX_READ_TIMEOUT = 5.0
-LAST_BACKUP_SQL = "SELECT MAX(finished_at) FROM backups WHERE ok"
 FORWARD_PENDING_SQL = "SELECT COUNT(*) FROM forward_queue WHERE state = 'pending'"
 
 
@@ -94,7 +94,10 @@ def read_index(source: Reads | Path) -> IndexReadings:
     reads = source if not isinstance(source, Path) else SQLiteReads(source, INDEX_READ_TIMEOUT)
     try:
         with reads.connect() as db:
-            found, finished = _scalar(db, LAST_BACKUP_SQL)
+            # Scheduled backups are for an SQLite index only: no gauge on PostgreSQL.
+            found, finished = (
+                (False, None) if reads.dialect.postgresql else _scalar(db, LAST_GOOD_SQL)
+            )
             last_backup = None
             if found:
                 # Seconds since the epoch (schema 3); the table exists but no backup

@@ -2,7 +2,7 @@
 
 Plain functions over a ``sqlite3`` connection: ``SQLiteIndex`` runs the writes on its
 writer thread; ``summary_of`` reads an index file read-only for ``engine stats``.
-The metrics gauge reads ``SELECT MAX(finished_at) FROM backups WHERE ok`` (``LAST_GOOD_SQL``).
+The metrics gauge reads ``SELECT MAX(finished_at) FROM backups WHERE ok != 0`` (``LAST_GOOD_SQL``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from engine.index.reads import Connection
 
 BUSY_TIMEOUT_MS = 60_000
 
-LAST_GOOD_SQL = "SELECT MAX(finished_at) FROM backups WHERE ok"
+LAST_GOOD_SQL = "SELECT MAX(finished_at) FROM backups WHERE ok != 0"
 _LAST_SQL = (
     "SELECT started_at, finished_at, destination, ok, files_copied, bytes_copied, message"
     " FROM backups ORDER BY finished_at DESC, id DESC LIMIT 1"

@@ -98,14 +98,13 @@ UPDATE studies SET
         SELECT DISTINCT modality FROM series
         WHERE series.study_uid = ?1 AND modality IS NOT NULL AND num_instances > 0
         ORDER BY modality) AS present),
-    updated_at = CASE WHEN updated_at > ?2 THEN updated_at ELSE ?2 END
+    updated_at = CASE WHEN updated_at > ?2 THEN updated_at ELSE ?2 END{unsettle}
 WHERE study_uid = ?1
 """
 # A study that receives an instance (new or replacing one) is no longer stable; the
 # stability task (engine/stability.py) marks it again once it has settled.
-_UNSETTLE_STUDY = (
-    "UPDATE studies SET stable_at = NULL WHERE study_uid = ? AND stable_at IS NOT NULL"
-)
+_RECOUNT_RECEIVING_STUDY = _RECOUNT_STUDY.format(unsettle=",\n    stable_at = NULL")
+_RECOUNT_STUDY = _RECOUNT_STUDY.format(unsettle="")
 
 STATS_SQL = """
 SELECT
@@ -248,8 +247,7 @@ def commit(
         db.executemany(_DROP_HEADER, dropped)
     if touched_series:
         db.executemany(_RECOUNT_SERIES, sorted(touched_series.items()))
-        db.executemany(_RECOUNT_STUDY, sorted(touched_studies.items()))
-        db.executemany(_UNSETTLE_STUDY, [(study,) for study in sorted(touched_studies)])
+        db.executemany(_RECOUNT_RECEIVING_STUDY, sorted(touched_studies.items()))
     if quarantined:
         db.executemany(_INSERT_QUARANTINE, [_quarantine_values(q) for q in quarantined])
     return report
