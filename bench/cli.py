@@ -104,7 +104,12 @@ def run(args: argparse.Namespace) -> int:
     scenarios = [Scenario(s) for s in _csv(args.scenarios)]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-run-", dir=args.work))
+    # Searchable by others (not listable): run as root, the PostgreSQL peers' cluster runs
+    # as the postgres user and must reach its folder in here, on the peers' disk.
+    work.chmod(0o711)
     files_by_syntax = {
         syntax: generate.cached(
             spec, generate.Syntax(syntax), args.cache, progress=_progress(f"generating {syntax}")
@@ -177,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--concurrency", default="1,4", help="associations at once, e.g. 1,4,8")
     r.add_argument("--scenarios", default="burst", help="burst and/or per-instance")
-    r.add_argument("--peers", default="engine,orthanc,storescp")
+    r.add_argument(
+        "--peers", default="engine,orthanc,storescp", help=f"comma-separated: {', '.join(PEERS)}"
+    )
     r.add_argument("--repeat", type=int, default=3)
     r.add_argument("--syntax", default="explicit", help="explicit, jpeg-lossless, jpeg-ls")
     r.add_argument(

@@ -7,6 +7,12 @@
 Both can also serve DICOMweb on 127.0.0.1 (``dicomweb=True``; off by default, so the
 ingest runs are unchanged): the engine's own server, Orthanc's DICOMweb plugin.
 - ``StorescpPeer``: dcmtk ``storescp --fork -od DIR``: files only, indexes nothing.
+- ``PostgresEnginePeer`` (``engine-pg``): the engine with ``[index] backend = "postgresql"``
+  on a throwaway cluster (bench/postgres.py) the peer starts and stops, a fresh database
+  per run. ``engine-pg2``: two engine nodes ("a" and "b", each its own DICOM port) sharing
+  that database and one storage folder; the replay spreads the associations over both
+  ports (``Peer.ports``). PostgreSQL is part of the system under test: its processes are
+  in the sampled memory and CPU (``Peer.pids``), as Orthanc's SQLite is in Orthanc's.
 
 Fairness: dcmtk and Debian's Orthanc leave Nagle's algorithm on unless ``TCP_NODELAY=1``
 is in their environment (about 20x slower); every rival and the client get it. The
@@ -19,6 +25,7 @@ process group it leads), never by name.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -35,6 +42,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
+
+from bench import postgres
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +98,16 @@ class Peer:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The roots of the process trees whose memory and CPU the run samples."""
+        return [self.pid]
+
+    @property
+    def ports(self) -> list[int]:
+        """The DICOM ports to send to; association ``i`` goes to ``ports[i % len(ports)]``."""
+        return [self.port]
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         with open(self.log_path, "ab") as out:
@@ -298,10 +317,175 @@ class PynetdicomEnginePeer(EnginePeer):
     transport: str = "pynetdicom"
 
 
+@dataclass
+class PostgresEnginePeer(EnginePeer):
+    """The engine on a PostgreSQL index; one node per name in ``nodes``, one storage folder.
+
+    Folder layout: ``pg/`` (the cluster), ``storage/`` (shared by the nodes),
+    ``node-<name>/config.toml`` and ``engine-<name>.log`` per node. ``process`` is node
+    "a"; ``port`` is node "a"'s port.
+    """
+
+    name: str = "engine-pg"
+    ae_title: str = "ENGINE"
+    nodes: tuple[str, ...] = ("a",)
+    database: str = "bench"
+    cluster: postgres.Cluster | None = field(default=None, init=False)
+    node_ports: dict[str, int] = field(default_factory=dict, init=False)
+    node_processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
+
+    def start(self) -> None:
+        if self.dicomweb:
+            raise NotImplementedError("the bench serves DICOMweb from the SQLite engine only")
+        self.cluster = postgres.Cluster(self.folder / "pg", fsync=self.fsync)
+        try:
+            self.cluster.start()
+            url = self.cluster.create_database(self.database)
+            # initdb does not sync (--no-sync): its files must not reach the disk in the
+            # timed run (the engine's syncfs would flush them).
+            os.sync()
+            for n, node in enumerate(self.nodes):
+                self.node_ports[node] = self.port if n == 0 else free_port()
+                self._start_node(node, url)
+            for node, process in self.node_processes.items():
+                try:
+                    wait_for_port(self.node_ports[node], process, START_TIMEOUT)
+                except RuntimeError as exc:
+                    raise RuntimeError(
+                        f"engine node {node}: {exc}; {self._log_tail(node)}"
+                    ) from None
+        except BaseException:
+            self.stop()
+            raise
+        self.process = self.node_processes[self.nodes[0]]
+
+    def _start_node(self, node: str, url: str) -> None:
+        folder = self.folder / f"node-{node}"
+        folder.mkdir(exist_ok=True)
+        config = folder / "config.toml"
+        config.write_text(
+            "[dicom]\n"
+            f'ae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.node_ports[node]}\n'
+            f'transport = "{self.transport}"\n'
+            "allow_unknown_echo = true\nallow_unknown_store = true\n"
+            "allow_unknown_query = true\nallow_unknown_retrieve = true\n"
+            f"[storage]\npath = {json.dumps(str(self.storage))}\n"
+            f"fsync = {'true' if self.fsync else 'false'}\n"
+            f'[index]\nbackend = "postgresql"\nurl = "{url}"\nnode = "{node}"\n'
+        )
+        with open(self.folder / f"engine-{node}.log", "ab") as out:
+            self.node_processes[node] = subprocess.Popen(
+                [sys.executable, "-m", "engine", "serve", "--config", str(config.resolve())],
+                cwd=folder,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _log_tail(self, node: str) -> str:
+        path = self.folder / f"engine-{node}.log"
+        try:
+            lines = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return f"no log at {path}"
+        return f"{path.name} ends: " + " | ".join(lines[-3:])
+
+    @property
+    def storage(self) -> Path:
+        return (self.folder / "storage").resolve()
+
+    @property
+    def pids(self) -> list[int]:
+        engines = [p.pid for p in self.node_processes.values()]
+        postmaster = self.cluster.pid if self.cluster is not None else None
+        return engines + ([postmaster] if postmaster is not None else [])
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.node_ports[node] for node in self.nodes]
+
+    def _psql(self, sql: str) -> str:
+        assert self.cluster is not None
+        return self.cluster.psql(sql, self.database)
+
+    def count_instances(self) -> int:
+        return int(self._psql("SELECT COUNT(*) FROM instances"))
+
+    def verify_count(self) -> int:
+        """The rows in PostgreSQL whose file is in the storage folder with the indexed size."""
+        rows = self._psql("SELECT path || chr(9) || size FROM instances").splitlines()
+        good = 0
+        for row in rows:
+            path, size = row.rsplit("\t", 1)
+            try:
+                if (self.storage / path).stat().st_size == int(size):
+                    good += 1
+            except OSError:
+                pass
+        if good != len(rows):
+            log.error(
+                "%s: %d of %d indexed files missing or of another size",
+                self.name,
+                len(rows) - good,
+                len(rows),
+            )
+        return good
+
+    def details(self) -> dict[str, Any]:
+        """Each node's ingest summary; with several nodes: answers summed, and the slowest
+        node's percentiles (a percentile of the union cannot be had from the parts)."""
+        marker = "ingest summary: "
+        summaries: list[dict[str, Any]] = []
+        for node in self.nodes:
+            path = self.folder / f"engine-{node}.log"
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+            for line in reversed(lines):
+                if marker in line:
+                    summaries.append(json.loads(line.split(marker, 1)[1]))
+                    break
+        if len(summaries) <= 1:
+            return summaries[0] if summaries else {}
+        merged: dict[str, Any] = {"answered": sum(s.get("answered", 0) for s in summaries)}
+        for key in ("latency_p50_ms", "latency_p99_ms"):
+            values = [s[key] for s in summaries if s.get(key) is not None]
+            if values:
+                merged[key] = max(values)
+        merged["nodes"] = summaries
+        return merged
+
+    def stop(self) -> None:
+        """SIGTERM every node (each leads its process group), wait, then stop the cluster."""
+        for process in self.node_processes.values():
+            with _suppress_missing():
+                os.killpg(process.pid, signal.SIGTERM)
+        for node, process in self.node_processes.items():
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.error("engine node %s did not stop in %.0f s; killing it", node, STOP_TIMEOUT)
+                with _suppress_missing():
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(STOP_TIMEOUT)
+        self.node_processes.clear()
+        self.process = None
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
+@dataclass
+class TwoNodePostgresEnginePeer(PostgresEnginePeer):
+    """Two engine nodes, "a" and "b", on one PostgreSQL database and one storage folder."""
+
+    name: str = "engine-pg2"
+    nodes: tuple[str, ...] = ("a", "b")
+
+
 PEERS: dict[str, type[Peer]] = {
     "engine": EnginePeer,
     "engine-nosync": NoSyncEnginePeer,
     "engine-pynetdicom": PynetdicomEnginePeer,
+    "engine-pg": PostgresEnginePeer,
+    "engine-pg2": TwoNodePostgresEnginePeer,
     "orthanc": OrthancPeer,
     "storescp": StorescpPeer,
 }
@@ -312,4 +496,9 @@ def available(name: str) -> str | None:
     needs = {"orthanc": "Orthanc", "storescp": "storescp"}.get(name)
     if needs and shutil.which(needs) is None and not Path(f"/usr/sbin/{needs}").exists():
         return f"{needs} is not installed (python -m bench setup installs it)"
+    if name in ("engine-pg", "engine-pg2"):
+        if postgres.find_bin() is None:
+            return f"no PostgreSQL binaries: {postgres.INSTALL_HINT}"
+        if importlib.util.find_spec("asyncpg") is None:
+            return f"asyncpg is not installed for {sys.executable}"
     return None

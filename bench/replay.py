@@ -6,10 +6,14 @@ waits until the peer reports every instance (the engine and Orthanc through thei
 index, storescp by its files). A run that lost anything is marked unverified and is
 never averaged in.
 
-While the run goes, ``TreeSampler`` reads /proc for the receiver's process tree:
-peak resident memory (summed over the tree; forked children share pages, so this
-overstates storescp a little) and CPU seconds (user + system, including reaped
-children).
+While the run goes, ``TreeSampler`` reads /proc for the receiver's process trees (one
+per ``Peer.pids`` root: the engine nodes and PostgreSQL's postmaster for the PostgreSQL
+peers): peak resident memory (summed over the trees; forked children share pages, so this
+overstates storescp and PostgreSQL a little) and CPU seconds (user + system, including
+reaped children).
+
+A peer with several DICOM ports (``Peer.ports``, the two-node engine) gets association
+``i`` (the i-th share of a burst, or the i-th instance) on ``ports[i % len(ports)]``.
 """
 
 from __future__ import annotations
@@ -86,10 +90,10 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _sample(root: int) -> tuple[int, float]:
-    """(resident bytes, CPU seconds) of ``root`` and its descendants, now."""
+def _sample(roots: tuple[int, ...]) -> tuple[int, float]:
+    """(resident bytes, CPU seconds) of ``roots`` and their descendants, now."""
     tree = _children()
-    stack, rss, ticks = [root], 0, 0
+    stack, rss, ticks = list(roots), 0, 0
     while stack:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))
@@ -107,11 +111,11 @@ def _sample(root: int) -> tuple[int, float]:
 
 
 class TreeSampler:
-    def __init__(self, root: int) -> None:
-        self.root = root
+    def __init__(self, *roots: int) -> None:
+        self.roots = roots
         self.peak_rss = 0
         self.cpu = 0.0
-        self._base_cpu = _sample(root)[1]
+        self._base_cpu = _sample(roots)[1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -121,7 +125,7 @@ class TreeSampler:
             self._stop.wait(SAMPLE_INTERVAL)
 
     def _once(self) -> None:
-        rss, cpu = _sample(self.root)
+        rss, cpu = _sample(self.roots)
         self.peak_rss = max(self.peak_rss, rss)
         self.cpu = max(self.cpu, cpu - self._base_cpu)
 
@@ -147,7 +151,9 @@ def split(files: list[Path], parts: int) -> list[list[Path]]:
     return shares
 
 
-def storescu(peer: Peer, files: list[Path], syntax: str) -> subprocess.CompletedProcess[bytes]:
+def storescu(
+    peer: Peer, files: list[Path], syntax: str, port: int | None = None
+) -> subprocess.CompletedProcess[bytes]:
     argv = [
         "storescu",
         "-aet",
@@ -157,7 +163,7 @@ def storescu(peer: Peer, files: list[Path], syntax: str) -> subprocess.Completed
         "-R",
         PROPOSE[syntax],
         "127.0.0.1",
-        str(peer.port),
+        str(peer.port if port is None else port),
         *map(str, files),
     ]
     return subprocess.run(argv, env=nodelay_env(), capture_output=True, timeout=SEND_TIMEOUT)
@@ -167,13 +173,12 @@ def send(
     peer: Peer, files: list[Path], scenario: Scenario, concurrency: int, syntax: str
 ) -> list[str]:
     """Send everything; returns the error lines of failed storescu runs."""
-    if scenario is Scenario.BURST:
-        jobs = [(share,) for share in split(files, concurrency)]
-    else:
-        jobs = [([f],) for f in files]
+    shares = split(files, concurrency) if scenario is Scenario.BURST else [[f] for f in files]
+    ports = peer.ports
+    jobs = [(share, ports[n % len(ports)]) for n, share in enumerate(shares)]
     errors: list[str] = []
     with ThreadPoolExecutor(concurrency) as pool:
-        for done in pool.map(lambda job: storescu(peer, job[0], syntax), jobs):
+        for done in pool.map(lambda job: storescu(peer, job[0], syntax, job[1]), jobs):
             if done.returncode != 0 or b"Store Failed" in done.stderr:
                 errors.append(
                     done.stderr.decode(errors="replace").strip().splitlines()[-1:][0]
@@ -215,9 +220,9 @@ def run_once(
     # disk: otherwise a receiver that syncs pays for the hundreds of MB a rival that
     # does not (storescp) left in the page cache just before.
     os.sync()
-    peer.start()
     try:
-        with TreeSampler(peer.pid) as sampler:
+        peer.start()
+        with TreeSampler(*peer.pids) as sampler:
             start = time.monotonic()
             errors = send(peer, files, scenario, concurrency, syntax)
             seconds = time.monotonic() - start

@@ -82,8 +82,10 @@ PEER_ORDER = {
     "engine": 0,
     "engine-nosync": 1,
     "engine-pynetdicom": 2,
-    "orthanc": 3,
-    "storescp": 4,
+    "engine-pg": 3,
+    "engine-pg2": 4,
+    "orthanc": 5,
+    "storescp": 6,
 }
 
 
