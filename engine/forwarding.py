@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 IDLE_CHECK = 60.0
 # Seconds before the forwarder looks at the queue again after failing to read it.
 ERROR_PAUSE = 5.0
+# A claim's lease is renewed this many times per lease while its attempt runs, and not
+# more often than every RENEW_MIN seconds.
+RENEWALS_PER_LEASE = 3
+RENEW_MIN = 0.05
 # 2.0 ** this is still a finite float: retry delays are computed below it.
 MAX_DOUBLINGS = 1000
 
@@ -135,6 +139,8 @@ class Forwarder:
         # Read by the SCU's worker thread between two instances.
         self._stopping = threading.Event()
         self._busy: set[int] = set()
+        # Lease renewals of the attempts under way, by item id.
+        self._renewals: dict[int, asyncio.Task[None]] = {}
 
     @property
     def busy(self) -> int:
@@ -187,18 +193,46 @@ class Forwarder:
         )
 
     async def _forward(self, claim: Claim) -> None:
+        self._renewals[claim.id] = asyncio.create_task(
+            self._renew(claim), name=f"forward-lease-{claim.id}"
+        )
         try:
             await self._attempt(claim)
         except Exception:
             # The item stays pending: it is tried again when its claim's lease runs out.
             log.exception("forward %d of study %s to %s: attempt broke off", *_who(claim))
         finally:
+            await self._stop_renewing(claim)
             self._busy.discard(claim.id)
             self._wake.set()
+
+    async def _renew(self, claim: Claim) -> None:
+        """Keep the claim's lease while its attempt runs, however long the study takes to
+        send. Engine nodes sharing the index take an item over only once its lease has
+        run out: when the node sending it has died (it renews no more)."""
+        lease = self._lease(claim.attempt)
+        while True:
+            await asyncio.sleep(max(lease / RENEWALS_PER_LEASE, RENEW_MIN))
+            until = time.time() + lease
+            try:
+                renewal = functools.partial(forward_queue.renew, claim=claim, until=until)
+                await self.index.write(renewal)
+            except Exception:
+                log.warning("forward %d of study %s to %s: lease not renewed", *_who(claim))
+
+    async def _stop_renewing(self, claim: Claim) -> None:
+        """Before the attempt's end is written: no renewal may come after it (a renewal
+        already handed to the writer runs before anything submitted after it)."""
+        task = self._renewals.pop(claim.id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _attempt(self, claim: Claim) -> None:
         peer = self.peers.get(claim.destination)
         if peer is None:
+            await self._stop_renewing(claim)
             await self._give_up(claim, f"{claim.destination} is not in [[dicom.peers]] any more")
             return
         found = await asyncio.to_thread(
@@ -224,6 +258,7 @@ class Forwarder:
             timeout=self.settings.timeout,
             decompress=Decompressor(self.decoder, loop) if self.decoder else None,
         )
+        await self._stop_renewing(claim)
         now = time.time()
         if not progress.failed and not progress.remaining:
             ended = await self.index.write(lambda db: forward_queue.finish_done(db, claim, now))

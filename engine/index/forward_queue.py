@@ -16,7 +16,9 @@ Invariants of the queue (``forward_queue``, ``forward_sent``):
 - Of the pending items of one (study, destination), only the oldest (lowest id) may
   be claimed: one attempt at a time per pair, in order.
 - Claiming an item counts its attempt and sets ``next_attempt_at`` to when it would
-  be retried if the engine died during the attempt; the attempt's end sets it again.
+  be retried if the engine died during the attempt (its lease); the engine renews the
+  lease while the attempt runs (``renew``), and the attempt's end sets it again. So an
+  engine node sharing the index takes an item over only from a node that has died.
 - An item never attempted (``attempts = 0``) reads the study's instances when it
   starts, so a study that becomes stable again while such an item waits adds nothing
   to the queue. Otherwise (the item is being sent, or waits for a retry) it gets a new
@@ -185,6 +187,17 @@ def claim(
     return Claim(
         item_id, study_uid, destination, attempt, covers, frozenset(uid for (uid,) in sent)
     )
+
+
+def renew(db: Connection, claim: Claim, until: float) -> bool:
+    """The attempt goes on: its item is not due again before ``until``. Nothing changes
+    once the item has ended or another attempt has taken it over."""
+    cursor = db.execute(
+        "UPDATE forward_queue SET next_attempt_at = ?"
+        " WHERE id = ? AND state = 'pending' AND attempts = ?",
+        (until, claim.id, claim.attempt),
+    )
+    return bool(cursor.rowcount)
 
 
 def finish_done(db: Connection, claim: Claim, now: float) -> int:
