@@ -48,7 +48,9 @@ from engine.stability import StabilityMonitor
 log = logging.getLogger(__name__)
 
 # The longest the forwarder sleeps without looking at the queue, in seconds (it is
-# woken when forwards are queued or an attempt ends; this is only a safety net).
+# woken when forwards are queued or an attempt ends here), and never longer than
+# [forwarding] retry_initial: on an index shared by several nodes, items queued by
+# another node, or left by a node that died, are seen within that time.
 IDLE_CHECK = 60.0
 # Seconds before the forwarder looks at the queue again after failing to read it.
 ERROR_PAUSE = 5.0
@@ -141,6 +143,7 @@ class Forwarder:
         self._busy: set[int] = set()
         # Lease renewals of the attempts under way, by item id.
         self._renewals: dict[int, asyncio.Task[None]] = {}
+        self._idle_check = min(IDLE_CHECK, self.settings.retry_initial)
 
     @property
     def busy(self) -> int:
@@ -164,7 +167,7 @@ class Forwarder:
         async with asyncio.TaskGroup() as group:
             while not self._stopping.is_set():
                 self._wake.clear()
-                wait = IDLE_CHECK
+                wait = self._idle_check
                 try:
                     if len(self._busy) < self.settings.associations:
                         claim = await self._claim()
@@ -173,7 +176,7 @@ class Forwarder:
                             group.create_task(self._forward(claim), name=f"forward-{claim.id}")
                             continue
                         if claim is not None:
-                            wait = min(max(claim - time.time(), 0.0), IDLE_CHECK)
+                            wait = min(max(claim - time.time(), 0.0), self._idle_check)
                 except Exception:
                     wait = ERROR_PAUSE
                     log.exception("forwarding queue unreadable; looking again in %.0f s", wait)

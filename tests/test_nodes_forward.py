@@ -10,6 +10,7 @@ and queue the same study now and then: this test then failed about half its runs
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,15 @@ from pydicom.dataset import Dataset
 
 from tests.helpers import Engine, free_port
 from tests.postgres import NATIVE_RUN, Databases
-from tests.test_forward import FAST_RETRIES, STABLE_AGE, StoreSCP, send, study, wait_until
+from tests.test_forward import (
+    FAST_RETRIES,
+    STABLE_AGE,
+    RecordingSCP,
+    StoreSCP,
+    send,
+    study,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.peers,
@@ -31,39 +40,43 @@ pytestmark = [
 RULE = '\n[[forward]]\ndestination = "DEST"\n'
 
 
+def start_nodes(folder: Path, url: str, dest_port: int) -> list[Engine]:
+    """Nodes "a" and "b" on one database and one storage folder, each with the rule."""
+    engines = []
+    for name in ("a", "b"):
+        engine = Engine(
+            folder / name,
+            {"ingest": {"stable_age": STABLE_AGE}, "forwarding": FAST_RETRIES},
+            index_url=url,
+            node=name,
+            storage_path=folder / "storage",
+        )
+        assert engine.config_path is not None
+        peer = f'\n[[dicom.peers]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {dest_port}\n'
+        engine.config_path.write_text(engine.config_path.read_text() + peer + RULE)
+        engines.append(engine)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda e: e.start(), engines))
+    return engines
+
+
+def stop_nodes(engines: list[Engine]) -> None:
+    for engine in engines:
+        if engine.process is not None:
+            assert engine.stop() == 0, engine.log()
+
+
 @pytest.fixture
 def forwarding_nodes(
     tmp_path: Path, postgres: Databases
 ) -> Iterator[tuple[Engine, Engine, StoreSCP]]:
-    url = postgres.create("forward_nodes")
     destination = StoreSCP(tmp_path / "dest", free_port())
     destination.start()
-    storage = tmp_path / "storage"
-    engines = []
-    for name in ("a", "b"):
-        engine = Engine(
-            tmp_path / name,
-            {"ingest": {"stable_age": STABLE_AGE}, "forwarding": FAST_RETRIES},
-            index_url=url,
-            node=name,
-            storage_path=storage,
-        )
-        assert engine.config_path is not None
-        peer = (
-            f'\n[[dicom.peers]]\nae_title = "DEST"\nhost = "127.0.0.1"\n'
-            f"port = {destination.port}\n"
-        )
-        engine.config_path.write_text(engine.config_path.read_text() + peer + RULE)
-        engines.append(engine)
-    a, b = engines
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda e: e.start(), engines))
+    engines = start_nodes(tmp_path, postgres.create("forward_nodes"), destination.port)
     try:
-        yield a, b, destination
+        yield engines[0], engines[1], destination
     finally:
-        for engine in engines:
-            if engine.process is not None:
-                assert engine.stop() == 0, engine.log()
+        stop_nodes(engines)
         destination.stop()
 
 
@@ -120,3 +133,43 @@ def test_each_stable_study_is_forwarded_once(
     assert len(marks) == len(studies), marks
     for uid in studies:
         assert sum(uid in line for line in marks) == 1, (uid, marks)
+
+
+def test_the_forward_of_a_killed_node_is_taken_over(tmp_path: Path, postgres: Databases) -> None:
+    """The node sending a study is killed (SIGKILL) in the middle: it renews its lease no
+    more, and the other node sends the study again, whole, once the lease has run out."""
+    port = free_port()
+    destination = RecordingSCP(port, delay=0.05)
+    engines = start_nodes(tmp_path, postgres.create("forward_takeover"), port)
+    try:
+        datasets = study(40, "TAKEOVER")
+        send(engines[0], datasets, "CTSCANNER")
+
+        def sender() -> Engine | None:
+            for engine in engines:
+                if "forward 1 of study" in engine.log():
+                    return engine
+            return None
+
+        wait_until(lambda: sender() is not None and destination.count() >= 5, "a send")
+        dying = sender()
+        assert dying is not None
+        dying.kill()
+        killed_at = destination.count()
+        survivor = engines[1] if dying is engines[0] else engines[0]
+        wait_until(
+            lambda: survivor.query_rows("SELECT state FROM forward_queue") == [("done",)],
+            "the other node to finish the forward",
+        )
+        assert killed_at < len(datasets), "the send ended before the kill"
+        log = survivor.log()
+        assert "attempt 2 of" in log, log
+        # Every instance arrived; the ones before the kill twice at most.
+        received = Counter(destination.received)
+        assert set(received) == {str(ds.SOPInstanceUID) for ds in datasets}
+        assert max(received.values()) <= 2
+        (attempts,) = survivor.query_rows("SELECT attempts FROM forward_queue")
+        assert tuple(attempts) == (2,)
+    finally:
+        stop_nodes(engines)
+        destination.close()
