@@ -9,7 +9,6 @@ import io
 import multiprocessing
 import queue
 import socket
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from pynetdicom.dsutils import encode
 from bench import audit
 from bench.audit import Row
 from engine import digest, status
-from engine.storage.area import StorageArea
 from tests.helpers import Engine, ct_dataset
 
 # Seconds a sender's association waits for the engine before it gives up (bounds every send).
@@ -238,14 +236,15 @@ def restart(engine: Engine) -> str:
 
 
 def index_rows(engine: Engine) -> dict[str, Row]:
-    """The instances table, read-only (works while the engine runs)."""
-    return audit.index_rows(engine.index_path)
+    """The instances table (works while the engine runs), on either backend."""
+    rows = engine.query_rows(
+        "SELECT sop_instance_uid, path, size, digest, series_uid, study_uid FROM instances"
+    )
+    return {str(r[0]): Row(*r) for r in rows}
 
 
 def query(engine: Engine, sql: str) -> list[tuple[object, ...]]:
-    uri = f"file:{engine.index_path}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        return list(db.execute(sql).fetchall())
+    return engine.query_rows(sql)
 
 
 def leftovers(engine: Engine) -> tuple[list[Path], list[str]]:
@@ -254,16 +253,48 @@ def leftovers(engine: Engine) -> tuple[list[Path], list[str]]:
     A running engine keeps a few empty temp files ready and its journal log open;
     those are not leftovers.
     """
-    incoming = engine.storage / ".incoming"
-    written = sorted(p for p in incoming.iterdir() if p.stat().st_size)
-    area = StorageArea(engine.storage, engine.storage / ".quarantine", fsync=False)
+    area = engine.area()
+    written = sorted(p for p in area.incoming.iterdir() if p.stat().st_size)
     return written, sorted(name for name, _ in area.journals())
+
+
+# The counters the index keeps, against its rows (``bench.audit`` makes the same checks).
+COUNTER_CHECKS = (
+    "SELECT 'series ' || s.series_uid FROM series s WHERE s.num_instances != "
+    "(SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid)",
+    "SELECT 'study ' || s.study_uid FROM studies s WHERE s.num_instances != "
+    "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid)",
+    "SELECT 'study ' || s.study_uid || ' (series count)' FROM studies s WHERE s.num_series"
+    " != (SELECT COUNT(*) FROM series r WHERE r.study_uid = s.study_uid)",
+)
+
+
+def consistency(engine: Engine, acked: set[str]) -> list[str]:
+    """What is wrong between the index, the storage folder and ``acked``, on either
+    backend: acknowledged instances without a row or file, rows without their file (or
+    with another size), instance files no row names, counters that disagree with the
+    rows, and temp files or journal batches left behind."""
+    rows = index_rows(engine)
+    files = set(audit.instance_files(engine.storage))
+    problems = [f"acknowledged {uid} has no row" for uid in sorted(acked - set(rows))]
+    for uid, row in sorted(rows.items()):
+        path = engine.storage / row.path
+        if not path.is_file():
+            problems.append(f"{uid}: its file {row.path} is missing")
+        elif path.stat().st_size != row.size:
+            problems.append(f"{uid}: {row.path} has {path.stat().st_size} bytes, not {row.size}")
+    problems += [f"orphan file {rel}" for rel in sorted(files - {r.path for r in rows.values()})]
+    problems += [f"counter: {r[0]}" for sql in COUNTER_CHECKS for r in engine.query_rows(sql)]
+    temps, journals = leftovers(engine)
+    problems += [f"temp file {p}" for p in temps] + [f"journal batch {j}" for j in journals]
+    return problems
 
 
 def check_store(engine: Engine, acked: set[str], sent: dict[str, Dataset]) -> dict[str, Row]:
     """Storage folder and index agree, and every acknowledged instance is there, intact.
 
-    The audit the crash campaign makes (``bench.audit``), over every row:
+    The audit the crash campaign makes (``bench.audit``; on PostgreSQL, ``consistency``,
+    which reads only the files of the instances sent here), over every row:
     - every acknowledged UID has a row;
     - every row's file exists, has the recorded size, parses, carries the row's UID
       (dataset and file meta) and holds the dataset bytes of the row's digest;
@@ -273,8 +304,13 @@ def check_store(engine: Engine, acked: set[str], sent: dict[str, Dataset]) -> di
     And here: what this test sent is stored as sent (the dataset, and the digest of its
     bytes on the wire), and ``engine stats`` counts the rows.
     """
-    findings = audit.audit(engine.storage, engine.index_path, dict.fromkeys(acked))
-    assert findings.ok, findings.summary()
+    if engine.postgresql:
+        # bench.audit reads an SQLite index: the same checks, through either backend.
+        problems = consistency(engine, acked)
+        assert not problems, problems[:10]
+    else:
+        findings = audit.audit(engine.storage, engine.index_path, dict.fromkeys(acked))
+        assert findings.ok, findings.summary()
     rows = index_rows(engine)
     for uid, original in sent.items():
         row = rows.get(uid)

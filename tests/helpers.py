@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,6 +27,8 @@ from engine import config as config_module
 from engine.cli import serve
 from engine.dicom.listener import Listener
 from engine.pipeline import Pipeline
+from engine.storage.area import StorageArea
+from tests import postgres
 
 REPO = Path(__file__).resolve().parent.parent
 # The suite runs once per DICOM transport: ENGINE_TRANSPORT=native or pynetdicom.
@@ -79,24 +83,58 @@ class Engine:
     # A command that runs the engine's command line given after it, in the same process
     # (it must ``exec``): e.g. ``unshare`` with a small filesystem (tests/test_full_disk.py).
     launcher: tuple[str, ...] = ()
+    # The index: "" is SQLite in ``index.sqlite`` of the folder; a postgresql:// URL is
+    # that database (tests/postgres.py gives each test a fresh one).
+    index_url: str = ""
+    # The node name ([index] node); the nodes of tests/test_nodes.py share one storage
+    # folder, given by ``storage_path``.
+    node: str = ""
+    storage_path: Path | None = None
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        index: dict[str, Any] = (
+            {"backend": "postgresql", "url": self.index_url}
+            if self.index_url
+            else {"path": "index.sqlite"}
+        )
+        if self.node:
+            index["node"] = self.node
         sections: dict[str, dict[str, Any]] = {
             "dicom": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
             | OPEN_ACCESS
             | ({"transport": TRANSPORT} if TRANSPORT else {}),
-            "storage": {"path": "storage"},
-            "index": {"path": "index.sqlite"},
+            "storage": {"path": str(self.storage_path) if self.storage_path else "storage"},
+            "index": index,
         }
         for section, values in self.overrides.items():
             sections.setdefault(section, {}).update(values)
         self.config_path = write_config(self.folder, sections)
 
     @property
+    def postgresql(self) -> bool:
+        return bool(self.index_url)
+
+    @property
     def storage(self) -> Path:
-        return self.folder / "storage"
+        return self.storage_path or self.folder / "storage"
+
+    @property
+    def node_name(self) -> str:
+        """The node name the engine runs under (in its file names and work areas): the
+        configured one, else the engine's default (none on SQLite)."""
+        assert self.config_path is not None
+        return config_module.node_name(config_module.load(self.config_path))
+
+    def area(self) -> StorageArea:
+        """The engine's storage area as the engine sees it (paths, temp files, journals);
+        for reading, never for a second writer."""
+        return StorageArea(self.storage, self.quarantine, fsync=False, node=self.node_name)
+
+    def instance_path(self, study_uid: str, sop_instance_uid: str, digest: str) -> str:
+        """Where this engine writes an instance (relative to the storage folder)."""
+        return StorageArea.instance_path(study_uid, sop_instance_uid, digest, self.node_name)
 
     @property
     def quarantine(self) -> Path:
@@ -104,6 +142,8 @@ class Engine:
 
     @property
     def index_path(self) -> Path:
+        """The SQLite index file (see ``query_rows`` for a read on either backend)."""
+        assert not self.postgresql, "this engine's index is a PostgreSQL database"
         return self.folder / "index.sqlite"
 
     @property
@@ -161,6 +201,25 @@ class Engine:
         )
         result: dict[str, int] = orjson.loads(out.stdout)
         return result
+
+    def query_rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Rows of one statement on the index, SQLite or PostgreSQL, whichever this engine
+        uses (works while it runs: SQLite is opened read-only). The SQL is SQLite's form
+        (``?`` parameters), kept to what both databases understand."""
+        if self.postgresql:
+            return postgres.fetch(self.index_url, sql, *args)
+        uri = f"file:{self.index_path}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=WAIT)) as db:
+            return list(db.execute(sql, args).fetchall())
+
+    def execute(self, sql: str, *args: Any) -> None:
+        """One statement on the index, committed: a test setting up a state (what a crash
+        leaves, a row changed behind the engine's back)."""
+        if self.postgresql:
+            postgres.execute(self.index_url, sql, *args)
+            return
+        with contextlib.closing(sqlite3.connect(self.index_path, timeout=WAIT)) as db, db:
+            db.execute(sql, args)
 
     def stored_files(self) -> list[Path]:
         return sorted(

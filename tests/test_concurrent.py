@@ -1,15 +1,19 @@
-"""Several pynetdicom associations at once: every instance stored once, identical."""
+"""Several pynetdicom associations at once: every instance stored once, identical; on
+each index backend (the ``backend`` fixture: SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from engine import status
 from tests.helpers import Engine, ct_dataset, send_datasets
+
+pytestmark = pytest.mark.usefixtures("backend")
 
 ASSOCIATIONS = 6
 PER_ASSOCIATION = 15

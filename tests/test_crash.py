@@ -11,8 +11,6 @@ dropped after an unclean stop.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -26,30 +24,43 @@ from pynetdicom.dsutils import encode
 from engine import digest as content_digest
 from engine import status
 from engine.storage import part10
-from engine.storage.area import StorageArea
 from tests.burst import Burst, burst_datasets, check_store, index_rows, leftovers, query, restart
 from tests.helpers import Engine, ct_dataset
+from tests.postgres import NATIVE_RUN_BACKENDS, POSTGRES
 
 SENDERS = 4
 PER_SENDER = 80
 SIZE = 256  # 128 KB of pixel data: a burst takes a few seconds
 WAIT = 60.0
 
+# Every test runs on SQLite and PostgreSQL (PostgreSQL in the native-transport run only:
+# tests/postgres.py). The kill points (answers before the kill, fsync) on each backend:
+# on PostgreSQL, a kill mid-burst with commits synchronous and not (the early kill
+# tests the start of a burst, which does not depend on the index).
+KILLS = {"early": (1, True), "middle-no-fsync": (40, False), "late": (150, True)}
+KILLS_ON = {POSTGRES: ("middle-no-fsync", "late")}
+
 
 @pytest.mark.parametrize(
-    ("kill_after", "fsync"),
-    [(1, True), (40, False), (150, True)],
-    ids=["early", "middle-no-fsync", "late"],
+    ("backend", "kill_after", "fsync"),
+    [
+        pytest.param(backend, *KILLS[name], id=f"{backend}-{name}")
+        for backend in NATIVE_RUN_BACKENDS
+        for name in KILLS_ON.get(backend, tuple(KILLS))
+    ],
+    indirect=["backend"],
 )
 def test_kill_during_burst_loses_nothing_acknowledged(
-    tmp_path: Path, kill_after: int, fsync: bool
+    tmp_path: Path, kill_after: int, fsync: bool, index_url: str
 ) -> None:
     """Several associations send; kill -9 once ``kill_after`` requests were answered.
 
     With fsync off the bytes are only in the OS cache, which survives a crash of the
     engine (not of the machine): the promise holds for kill -9 either way.
     """
-    engine = Engine(tmp_path / "engine", overrides={"storage": {"fsync": fsync}}).start()
+    engine = Engine(
+        tmp_path / "engine", overrides={"storage": {"fsync": fsync}}, index_url=index_url
+    ).start()
     burst = Burst(engine, burst_datasets(SENDERS, PER_SENDER, SIZE))
     try:
         burst.start()
@@ -104,9 +115,9 @@ def _stored_bytes(ds: Dataset, calling_ae: str) -> tuple[bytes, bytes]:
     return data, head + data
 
 
-def test_journal_left_between_rename_and_commit_is_replayed(tmp_path: Path) -> None:
+def test_journal_left_between_rename_and_commit_is_replayed(tmp_path: Path, index_url: str) -> None:
     """The state a crash after the renames and before the commit leaves, settled at start."""
-    engine = Engine(tmp_path / "engine").start()
+    engine = Engine(tmp_path / "engine", index_url=index_url).start()
     study_uid, series_uid = generate_uid(), generate_uid()
     first = ct_dataset(study_uid, series_uid, 1)
     burst = Burst(engine, [[first]]).start()
@@ -114,24 +125,25 @@ def test_journal_left_between_rename_and_commit_is_replayed(tmp_path: Path) -> N
     assert burst.acked == {str(first.SOPInstanceUID)}
     assert engine.stop() == 0
     first_path = index_rows(engine)[str(first.SOPInstanceUID)].path
+    area = engine.area()
 
     entries = []
     # A new instance, renamed into place, no row yet: recovery indexes it.
     fresh = ct_dataset(study_uid, series_uid, 2)
     data, file_bytes = _stored_bytes(fresh, "CRASHED")
     digest = content_digest.of(data)
-    fresh_path = StorageArea.instance_path(study_uid, str(fresh.SOPInstanceUID), digest)
+    fresh_path = engine.instance_path(study_uid, str(fresh.SOPInstanceUID), digest)
     # Another copy of the first instance (other bytes): it lost to the indexed one.
     rival = ct_dataset(study_uid, series_uid, 1, seed=7)
     rival.SOPInstanceUID = first.SOPInstanceUID
     rival.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
     rival_data, rival_bytes = _stored_bytes(rival, "CRASHED")
     rival_digest = content_digest.of(rival_data)
-    rival_path = StorageArea.instance_path(study_uid, str(first.SOPInstanceUID), rival_digest)
+    rival_path = engine.instance_path(study_uid, str(first.SOPInstanceUID), rival_digest)
     assert rival_path != first_path
     # A file the journal lists but whose rename never happened.
     never_uid = generate_uid()
-    never_path = StorageArea.instance_path(study_uid, never_uid, "0" * 64)
+    never_path = engine.instance_path(study_uid, never_uid, "0" * 64)
     for rel, body in ((fresh_path, file_bytes), (rival_path, rival_bytes)):
         target = engine.storage / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +165,9 @@ def test_journal_left_between_rename_and_commit_is_replayed(tmp_path: Path) -> N
                 "peer_ip": "127.0.0.1",
             }
         )
-    (engine.storage / ".journal" / "0123456789abcdef.json").write_bytes(orjson.dumps(entries))
-    (engine.storage / ".incoming" / "deadbeef.part").write_bytes(b"half a file")
-    (engine.storage / ".clean-shutdown").unlink()
+    (area.journal_dir / "0123456789abcdef.json").write_bytes(orjson.dumps(entries))
+    (area.incoming / "deadbeef.part").write_bytes(b"half a file")
+    area.clean_mark.unlink()
 
     log = restart(engine)
     try:
@@ -183,8 +195,10 @@ def test_journal_left_between_rename_and_commit_is_replayed(tmp_path: Path) -> N
         engine.kill()
 
 
-def test_row_whose_file_vanished_is_dropped_after_an_unclean_stop(tmp_path: Path) -> None:
-    engine = Engine(tmp_path / "engine").start()
+def test_row_whose_file_vanished_is_dropped_after_an_unclean_stop(
+    tmp_path: Path, index_url: str
+) -> None:
+    engine = Engine(tmp_path / "engine", index_url=index_url).start()
     study_uid, kept_series, gone_series = generate_uid(), generate_uid(), generate_uid()
     datasets = [
         ct_dataset(study_uid, kept_series, 1),
@@ -196,7 +210,7 @@ def test_row_whose_file_vanished_is_dropped_after_an_unclean_stop(tmp_path: Path
     burst.join(WAIT)
     assert len(burst.acked) == 3
     engine.kill()  # unclean: no .clean-shutdown marker
-    assert not (engine.storage / ".clean-shutdown").exists()
+    assert not engine.area().clean_mark.exists()
 
     rows = index_rows(engine)
     lost = [str(datasets[1].SOPInstanceUID), str(datasets[2].SOPInstanceUID)]
@@ -220,12 +234,12 @@ def test_row_whose_file_vanished_is_dropped_after_an_unclean_stop(tmp_path: Path
         engine.kill()
 
 
-def test_journal_log_left_by_a_crash_is_replayed(tmp_path: Path) -> None:
+def test_journal_log_left_by_a_crash_is_replayed(tmp_path: Path, index_url: str) -> None:
     """The run's journal log (one JSON line per batch, "done" lines after commits) as a
     crash leaves it: a batch not marked done is replayed, a done one is not, a line cut
     short is ignored, and a journaled file that never reached the disk while its row was
     committed (a crash during the batch's flush) has its row forgotten; the log goes."""
-    engine = Engine(tmp_path / "engine").start()
+    engine = Engine(tmp_path / "engine", index_url=index_url).start()
     study_uid, series_uid = generate_uid(), generate_uid()
     first, lost = ct_dataset(study_uid, series_uid, 1), ct_dataset(study_uid, series_uid, 3)
     burst = Burst(engine, [[first, lost]]).start()
@@ -235,11 +249,12 @@ def test_journal_log_left_by_a_crash_is_replayed(tmp_path: Path) -> None:
     rows = index_rows(engine)
     first_path, lost_path = (rows[str(d.SOPInstanceUID)].path for d in (first, lost))
     (engine.storage / lost_path).unlink()  # committed, but its flush never finished
+    area = engine.area()
 
     fresh = ct_dataset(study_uid, series_uid, 2)
     data, file_bytes = _stored_bytes(fresh, "CRASHED")
     digest = content_digest.of(data)
-    fresh_path = StorageArea.instance_path(study_uid, str(fresh.SOPInstanceUID), digest)
+    fresh_path = engine.instance_path(study_uid, str(fresh.SOPInstanceUID), digest)
     (engine.storage / fresh_path).write_bytes(file_bytes)
 
     def entry(rel: str, uid: str, dig: str) -> dict[str, object]:
@@ -251,7 +266,7 @@ def test_journal_log_left_by_a_crash_is_replayed(tmp_path: Path) -> None:
         {"done": "b2"},
         {"batch": "b3", "files": [entry(lost_path, str(lost.SOPInstanceUID), "y")]},
     ]
-    log_path = engine.storage / ".journal" / "20261127-000000-deadbeef.log"
+    log_path = area.journal_dir / "20261127-000000-deadbeef.log"
     body = b"".join(orjson.dumps(line) + b"\n" for line in lines)
     log_path.write_bytes(body + b'{"batch": "b4", "fi')  # the last line, cut by the crash
 
@@ -272,13 +287,14 @@ def test_journal_log_left_by_a_crash_is_replayed(tmp_path: Path) -> None:
         engine.stop()
 
 
-def test_journaled_file_that_does_not_parse_is_quarantined(tmp_path: Path) -> None:
+def test_journaled_file_that_does_not_parse_is_quarantined(tmp_path: Path, index_url: str) -> None:
     """A file renamed into place whose bytes are broken (say, a power cut with fsync off)
     is not indexed and not thrown away: it goes to the quarantine with a note."""
-    engine = Engine(tmp_path / "engine").start()
+    engine = Engine(tmp_path / "engine", index_url=index_url).start()
     assert engine.stop() == 0
     study_uid, uid = generate_uid(), generate_uid()
-    rel_path = StorageArea.instance_path(study_uid, uid, "f" * 64)
+    area = engine.area()
+    rel_path = engine.instance_path(study_uid, uid, "f" * 64)
     broken = b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x7fnot a dataset"
     target = engine.storage / rel_path
     target.parent.mkdir(parents=True)
@@ -292,8 +308,8 @@ def test_journaled_file_that_does_not_parse_is_quarantined(tmp_path: Path) -> No
         "called_ae": "ENGINE",
         "peer_ip": "127.0.0.1",
     }
-    (engine.storage / ".journal" / "feedface.json").write_bytes(orjson.dumps([entry]))
-    (engine.storage / ".clean-shutdown").unlink()
+    (area.journal_dir / "feedface.json").write_bytes(orjson.dumps([entry]))
+    area.clean_mark.unlink()
 
     log = restart(engine)
     try:
@@ -313,11 +329,13 @@ def test_journaled_file_that_does_not_parse_is_quarantined(tmp_path: Path) -> No
         engine.kill()
 
 
-def test_copy_replaced_by_an_overwrite_is_removed_after_a_crash(tmp_path: Path) -> None:
+def test_copy_replaced_by_an_overwrite_is_removed_after_a_crash(
+    tmp_path: Path, index_url: str
+) -> None:
     """duplicate_policy = "overwrite": the crash fell after the commit that replaced an
     instance's row and before the replaced copy was removed (that copy is in no journal)."""
-    engine = Engine(tmp_path / "engine", overrides={"ingest": {"duplicate_policy": "overwrite"}})
-    engine.start()
+    overrides = {"ingest": {"duplicate_policy": "overwrite"}}
+    engine = Engine(tmp_path / "engine", overrides, index_url=index_url).start()
     study_uid, series_uid = generate_uid(), generate_uid()
     uid = f"2.25.{uuid.uuid4().int}"
     old = ct_dataset(study_uid, series_uid, 1)
@@ -331,20 +349,23 @@ def test_copy_replaced_by_an_overwrite_is_removed_after_a_crash(tmp_path: Path) 
     assert burst.acked == {uid, f"{uid}.1"}
     assert engine.stop() == 0
     old_path = index_rows(engine)[uid].path
+    area = engine.area()
 
     new = ct_dataset(study_uid, series_uid, 1, seed=5)
     new.SOPInstanceUID = uid
     new.file_meta.MediaStorageSOPInstanceUID = uid
     data, file_bytes = _stored_bytes(new, "SCU0")
     digest = content_digest.of(data)
-    new_path = StorageArea.instance_path(study_uid, uid, digest)
+    new_path = engine.instance_path(study_uid, uid, digest)
     assert new_path.rsplit("/", 1)[0] == old_path.rsplit("/", 1)[0]
     (engine.storage / new_path).write_bytes(file_bytes)
-    with contextlib.closing(sqlite3.connect(engine.index_path)) as db, db:
-        db.execute(
-            "UPDATE instances SET path = ?, digest = ?, size = ? WHERE sop_instance_uid = ?",
-            (new_path, digest, len(file_bytes), uid),
-        )
+    engine.execute(
+        "UPDATE instances SET path = ?, digest = ?, size = ? WHERE sop_instance_uid = ?",
+        new_path,
+        digest,
+        len(file_bytes),
+        uid,
+    )
     entry = {
         "path": new_path,
         "sop_instance_uid": uid,
@@ -354,8 +375,8 @@ def test_copy_replaced_by_an_overwrite_is_removed_after_a_crash(tmp_path: Path) 
         "called_ae": "ENGINE",
         "peer_ip": "127.0.0.1",
     }
-    (engine.storage / ".journal" / "0badc0de.json").write_bytes(orjson.dumps([entry]))
-    (engine.storage / ".clean-shutdown").unlink()
+    (area.journal_dir / "0badc0de.json").write_bytes(orjson.dumps([entry]))
+    area.clean_mark.unlink()
 
     log = restart(engine)
     try:

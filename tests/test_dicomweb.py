@@ -1,14 +1,13 @@
 """DICOMweb against a real engine process, with dicomweb-client as the client.
 
 Studies go in by C-STORE (dcmtk storescu, pynetdicom) and by STOW-RS; they come back
-by QIDO-RS and WADO-RS and are compared with what was sent, byte for byte.
+by QIDO-RS and WADO-RS and are compared with what was sent, byte for byte. The searches,
+retrievals and STOW-RS run on each index backend (the ``backend`` fixture).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from pydicom.uid import generate_uid
 
 from engine import status
 from tests.helpers import Engine, ct_dataset, free_port, send_datasets, storescu, write_study
+from tests.postgres import new_index
 from tests.test_move import compressed_originals, store_in_their_syntaxes
 
 pytestmark = pytest.mark.peers
@@ -38,9 +38,9 @@ SOP_UID = "00080018"
 JPEG = "1.2.840.10008.1.2.4.50"
 
 
-def web_engine(folder: Path, **web: Any) -> Engine:
+def web_engine(folder: Path, index_url: str = "", **web: Any) -> Engine:
     settings = {"host": "127.0.0.1", "port": free_port(), **web}
-    engine = Engine(folder, overrides={"dicomweb": settings}).start()
+    engine = Engine(folder, overrides={"dicomweb": settings}, index_url=index_url).start()
     engine.web_root = f"http://127.0.0.1:{settings['port']}/dicom-web"  # type: ignore[attr-defined]
     return engine
 
@@ -66,8 +66,8 @@ def dataset_bytes(ds: Dataset) -> bytes:
 class Archive:
     """One engine with three studies: two by storescu, the compressed MRs by pynetdicom."""
 
-    def __init__(self, folder: Path) -> None:
-        self.engine = web_engine(folder / "engine")
+    def __init__(self, folder: Path, index_url: str) -> None:
+        self.engine = web_engine(folder / "engine", index_url)
         self.client = DICOMwebClient(url=root(self.engine))
         self.ct_a = write_study(
             folder / "a", n_series=2, n_instances=3, patient_name="Alpha^Ann", patient_id="PA"
@@ -92,8 +92,10 @@ class Archive:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    made = Archive(tmp_path_factory.mktemp("dicomweb"))
+def archive(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Archive]:
+    made = Archive(tmp_path_factory.mktemp("dicomweb"), new_index(backend, request, "dicomweb"))
     yield made
     assert made.engine.stop() == 0, made.engine.log()
 
@@ -269,12 +271,11 @@ def test_metadata_without_a_kept_header_reads_the_file(archive: Archive) -> None
     ds = archive.ct_b[1]
     ids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
     kept = archive.client.retrieve_instance_metadata(*ids)
-    with contextlib.closing(sqlite3.connect(archive.engine.index_path, timeout=30)) as db:
-        headers = db.execute("SELECT COUNT(*) FROM instance_headers").fetchone()[0]
-        instances = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-        assert headers == instances  # every ingested instance kept its header
-        with db:
-            db.execute("DELETE FROM instance_headers WHERE sop_instance_uid = ?", (ids[2],))
+    engine = archive.engine
+    ((headers,),) = engine.query_rows("SELECT COUNT(*) FROM instance_headers")
+    ((instances,),) = engine.query_rows("SELECT COUNT(*) FROM instances")
+    assert headers == instances  # every ingested instance kept its header
+    engine.execute("DELETE FROM instance_headers WHERE sop_instance_uid = ?", ids[2])
     assert archive.client.retrieve_instance_metadata(*ids) == kept
 
 
@@ -380,8 +381,8 @@ def test_unacceptable_media_type(archive: Archive) -> None:
 # -- STOW-RS -------------------------------------------------------------------------
 
 
-def test_stow_stores_through_the_pipeline(tmp_path: Path) -> None:
-    engine = web_engine(tmp_path / "engine")
+def test_stow_stores_through_the_pipeline(tmp_path: Path, index_url: str) -> None:
+    engine = web_engine(tmp_path / "engine", index_url)
     try:
         client = DICOMwebClient(url=root(engine))
         study = generate_uid()

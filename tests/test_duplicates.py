@@ -1,4 +1,5 @@
-"""Re-sent instances: identical copies are success and stored once; others follow the policy."""
+"""Re-sent instances: identical copies are success and stored once; others follow the
+policy. On each index backend (the ``backend`` fixture): the index is the final judge."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pydicom.uid import generate_uid
 
 from engine import status
 from tests.helpers import Engine, ct_dataset, send_datasets, storescu, write_study
+
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 @pytest.mark.peers
@@ -37,12 +40,13 @@ def _original_and_variant() -> tuple[Dataset, Dataset]:
     return original, variant
 
 
-def _policy_engine(tmp_path: Path, policy: str) -> Engine:
-    return Engine(tmp_path / policy, {"ingest": {"duplicate_policy": policy}}).start()
+def _policy_engine(tmp_path: Path, policy: str, index_url: str) -> Engine:
+    overrides = {"ingest": {"duplicate_policy": policy}}
+    return Engine(tmp_path / policy, overrides, index_url=index_url).start()
 
 
-def test_policy_keep_answers_success_and_keeps_the_first(tmp_path: Path) -> None:
-    engine = _policy_engine(tmp_path, "keep")
+def test_policy_keep_answers_success_and_keeps_the_first(tmp_path: Path, index_url: str) -> None:
+    engine = _policy_engine(tmp_path, "keep", index_url)
     try:
         original, variant = _original_and_variant()
         assert send_datasets(engine, [original]) == [(original.SOPInstanceUID, status.SUCCESS)]
@@ -55,8 +59,8 @@ def test_policy_keep_answers_success_and_keeps_the_first(tmp_path: Path) -> None
         assert engine.stop() == 0
 
 
-def test_policy_overwrite_replaces_the_stored_copy(tmp_path: Path) -> None:
-    engine = _policy_engine(tmp_path, "overwrite")
+def test_policy_overwrite_replaces_the_stored_copy(tmp_path: Path, index_url: str) -> None:
+    engine = _policy_engine(tmp_path, "overwrite", index_url)
     try:
         original, variant = _original_and_variant()
         send_datasets(engine, [original])
@@ -75,8 +79,8 @@ def test_policy_overwrite_replaces_the_stored_copy(tmp_path: Path) -> None:
         assert engine.stop() == 0
 
 
-def test_policy_reject_answers_duplicate_and_quarantines(tmp_path: Path) -> None:
-    engine = _policy_engine(tmp_path, "reject")
+def test_policy_reject_answers_duplicate_and_quarantines(tmp_path: Path, index_url: str) -> None:
+    engine = _policy_engine(tmp_path, "reject", index_url)
     try:
         original, variant = _original_and_variant()
         send_datasets(engine, [original])

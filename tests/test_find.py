@@ -1,6 +1,7 @@
 """C-FIND against a running engine, with real peers: dcmtk ``findscu`` and pynetdicom.
 
-Runs on the transport ``ENGINE_TRANSPORT`` says (the suite runs once per transport).
+Runs on the transport ``ENGINE_TRANSPORT`` says (the suite runs once per transport), on
+each index backend (the ``backend`` fixture: SQLite and PostgreSQL).
 The engine is filled over DICOM (three patients, four studies, CT and MR, a Japanese
 name in UTF-8), then queried at every level of both information models: wildcards,
 date ranges, UID lists, universal matching, the computed counts, hierarchy errors,
@@ -30,6 +31,10 @@ from engine.dicom.qr import STUDY_ROOT_FIND, Found, QueryService, encode_identif
 from engine.dicom.services import Request
 from engine.model import Origin
 from tests.helpers import Engine, ct_dataset, dcmtk_env, send_datasets
+from tests.postgres import BACKENDS, SQLITE, new_index
+
+# PostgreSQL in both transports' runs (tests/postgres.py).
+POSTGRES_ON_EVERY_TRANSPORT = True
 
 PATIENTS = {
     "P1": "Doe^John",
@@ -56,9 +61,13 @@ def study(patient_id: str, date: str, modality: str, accession: str, n: int) -> 
 
 @pytest.fixture(scope="module")
 def filled(
-    tmp_path_factory: pytest.TempPathFactory,
+    backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Engine, list[list[Dataset]]]]:
-    engine = Engine(tmp_path_factory.mktemp("find"), {"query": {"max_matches": 3}}).start()
+    engine = Engine(
+        tmp_path_factory.mktemp("find"),
+        {"query": {"max_matches": 3}},
+        index_url=new_index(backend, request, "find"),
+    ).start()
     studies = [
         study("P1", "20260110", "CT", "ACC1", 3),
         study("P1", "20260220", "MR", "ACC2", 2),
@@ -307,11 +316,21 @@ JAPANESE_SETS = {
 }
 
 
-@pytest.mark.parametrize("query_set", list(JAPANESE_SETS))
+@pytest.mark.parametrize(
+    ("backend", "query_set"),
+    [
+        pytest.param(backend, query_set, id=f"{backend}-{query_set}")
+        for backend in BACKENDS
+        # The query's character set is decoded before the index sees it: on PostgreSQL,
+        # one is enough to check the matching of the stored names.
+        for query_set in (JAPANESE_SETS if backend == SQLITE else ["J87"])
+    ],
+    indirect=["backend"],
+)
 def test_japanese_names_are_found_whatever_the_character_sets(
-    tmp_path: Path, query_set: str
+    tmp_path: Path, query_set: str, index_url: str
 ) -> None:
-    engine = Engine(tmp_path).start()
+    engine = Engine(tmp_path, index_url=index_url).start()
     try:
         studies = {}
         for patient_id, (charset, name) in JAPANESE_SETS.items():

@@ -3,16 +3,15 @@
 The destination is a dcmtk ``storescp`` started and stopped here (it names each file
 after its SOP Instance UID and logs every C-STORE it receives with ``-v``), or a
 pynetdicom SCP that refuses an instance once. Settings are small (half a second to
-settle, retries every fraction of a second) so the whole file runs in seconds.
+settle, retries every fraction of a second) so the whole file runs in seconds. The queue
+and the engines run on each index backend (the ``index_url`` fixture: SQLite, PostgreSQL).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -37,6 +36,8 @@ from engine.forwarding import acknowledged, destinations, matches, retry_delay
 from engine.index import forward_queue
 from engine.index.base import InstanceRow
 from engine.index.forward_queue import StudyFacts
+from engine.index.postgresql import PostgresIndex
+from engine.index.reads import Connection
 from engine.index.sqlite import SQLiteIndex
 from engine.stages.validate import validate
 from tests.helpers import REPO, Engine, ct_dataset, dcmtk_env, free_port, send_datasets
@@ -146,9 +147,14 @@ def keep(existing: Existing | None, digest: str) -> Decision:
     return Decision.NEW if existing is None else Decision.SAME
 
 
-def test_the_queue_settles_studies_and_orders_attempts(tmp_path: Path) -> None:
+def test_the_queue_settles_studies_and_orders_attempts(tmp_path: Path, index_url: str) -> None:
     async def scenario() -> None:
-        index = SQLiteIndex(tmp_path / "index.sqlite", durable=False)
+        index: SQLiteIndex | PostgresIndex = (
+            PostgresIndex(index_url, durable=False)
+            if index_url
+            else SQLiteIndex(tmp_path / "index.sqlite", durable=False)
+        )
+        dialect = index.dialect
         await index.open()
         try:
             study, series = generate_uid(), generate_uid()
@@ -156,8 +162,13 @@ def test_the_queue_settles_studies_and_orders_attempts(tmp_path: Path) -> None:
             t0 = 1000.0
             await index.commit_batch([instance_row(ds, "CTSCANNER", t0) for ds in first], [], keep)
 
-            def settle(now: float) -> Callable[[sqlite3.Connection], forward_queue.Settled]:
-                return lambda db: forward_queue.settle(db, now, now - 10, lambda _: ["DEST"], 100)
+            def settle(now: float) -> Callable[[Connection], forward_queue.Settled]:
+                return lambda db: forward_queue.settle(
+                    db, now, now - 10, lambda _: ["DEST"], 100, dialect
+                )
+
+            def claim_at(now: float) -> Callable[[Connection], forward_queue.Claim | None]:
+                return lambda db: forward_queue.claim(db, now, (), lease, dialect)
 
             # Not settled yet at t0 + 5; settled at t0 + 10.
             assert (await index.write(settle(t0 + 5))).stable == []
@@ -170,10 +181,10 @@ def test_the_queue_settles_studies_and_orders_attempts(tmp_path: Path) -> None:
                 return 100.0
 
             # Claimed: attempt 1, pushed into the future (its lease).
-            claim = await index.write(lambda d: forward_queue.claim(d, t0 + 11, (), lease))
+            claim = await index.write(claim_at(t0 + 11))
             assert claim is not None and claim.attempt == 1 and not claim.acknowledged
-            assert await forward_queue.next_due(index.reader, ()) == t0 + 111
-            assert await index.write(lambda d: forward_queue.claim(d, t0 + 12, (), lease)) is None
+            assert await forward_queue.next_due(index, ()) == t0 + 111
+            assert await index.write(claim_at(t0 + 12)) is None
 
             # A new instance makes the study unstable; settled again it gets a new item
             # (the first one is under way), which waits for the first to end.
@@ -188,7 +199,7 @@ def test_the_queue_settles_studies_and_orders_attempts(tmp_path: Path) -> None:
             )
             assert (await index.write(settle(t0 + 41))).queued == []
             assert (await index.stats())["forward_pending"] == 2
-            blocked = await index.write(lambda d: forward_queue.claim(d, t0 + 50, (), lease))
+            blocked = await index.write(claim_at(t0 + 50))
             assert blocked is None, "the second item must wait for the first"
 
             # The first attempt falls short: what was acknowledged is kept for the retry.
@@ -196,7 +207,7 @@ def test_the_queue_settles_studies_and_orders_attempts(tmp_path: Path) -> None:
             await index.write(
                 lambda d: forward_queue.finish_retry(d, claim, uids[:1], t0 + 60, "down")
             )
-            retry = await index.write(lambda d: forward_queue.claim(d, t0 + 60, (), lease))
+            retry = await index.write(claim_at(t0 + 60))
             assert retry is not None and retry.id == claim.id and retry.attempt == 2
             assert retry.acknowledged == {uids[0]}
             # It covers the later item, queued before this attempt started.
@@ -205,8 +216,8 @@ def test_the_queue_settles_studies_and_orders_attempts(tmp_path: Path) -> None:
             assert ended == 2
             counts = await index.stats()
             assert (counts["forward_pending"], counts["forward_failed"]) == (0, 0)
-            rows = await index.reader.execute_fetchall("SELECT COUNT(*) FROM forward_sent")
-            assert list(rows) == [(0,)]
+            rows = await index.read("SELECT COUNT(*) FROM forward_sent")
+            assert [tuple(row) for row in rows] == [(0,)]
         finally:
             await index.close()
 
@@ -274,16 +285,17 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
 
 def queue(engine: Engine) -> list[tuple[Any, ...]]:
     """(study_uid, destination, state, attempts, last_error) of every item, in order."""
-    uri = f"file:{engine.index_path}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=WAIT)) as db:
-        return db.execute(
-            "SELECT study_uid, destination, state, attempts, last_error FROM forward_queue"
-            " ORDER BY id"
-        ).fetchall()
+    return engine.query_rows(
+        "SELECT study_uid, destination, state, attempts, last_error FROM forward_queue ORDER BY id"
+    )
 
 
 def forwarding_engine(
-    folder: Path, dest_port: int, rules: str, forwarding: dict[str, Any] | None = None
+    folder: Path,
+    dest_port: int,
+    rules: str,
+    index_url: str,
+    forwarding: dict[str, Any] | None = None,
 ) -> Engine:
     engine = Engine(
         folder,
@@ -291,6 +303,7 @@ def forwarding_engine(
             "ingest": {"stable_age": STABLE_AGE},
             "forwarding": FAST_RETRIES | (forwarding or {}),
         },
+        index_url=index_url,
     )
     assert engine.config_path is not None
     peer = f'\n[[dicom.peers]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {dest_port}\n'
@@ -314,12 +327,12 @@ def send(engine: Engine, datasets: list[Dataset], calling_ae: str) -> None:
 
 
 @pytest.mark.peers
-def test_a_study_waits_for_its_destination_across_a_restart(tmp_path: Path) -> None:
+def test_a_study_waits_for_its_destination_across_a_restart(tmp_path: Path, index_url: str) -> None:
     """Destination down, engine restarted, destination up: the matching study arrives
     complete and each instance once; the studies the rule filters out never do."""
     dest = StoreSCP(tmp_path / "dest", free_port())
     rules = '\n[[forward]]\ndestination = "DEST"\nmodality = "CT"\ncalling_ae = "CTSCANNER"\n'
-    engine = forwarding_engine(tmp_path / "engine", dest.port, rules).start()
+    engine = forwarding_engine(tmp_path / "engine", dest.port, rules, index_url).start()
     wanted = study(6, "FWD1")
     other_modality = study(2, "FWD2", modality="MR")
     other_sender = study(2, "FWD3")
@@ -373,10 +386,10 @@ def test_a_study_waits_for_its_destination_across_a_restart(tmp_path: Path) -> N
 
 
 @pytest.mark.peers
-def test_a_forward_is_given_up_after_its_attempts(tmp_path: Path) -> None:
+def test_a_forward_is_given_up_after_its_attempts(tmp_path: Path, index_url: str) -> None:
     rules = '\n[[forward]]\ndestination = "DEST"\n'
     engine = forwarding_engine(
-        tmp_path, free_port(), rules, {"max_attempts": 2, "retry_initial": 0.1}
+        tmp_path, free_port(), rules, index_url, {"max_attempts": 2, "retry_initial": 0.1}
     ).start()
     try:
         datasets = study(2, "FWD4")
@@ -422,13 +435,13 @@ class RecordingSCP:
         self.server.shutdown()
 
 
-def test_a_retry_sends_only_what_was_not_acknowledged(tmp_path: Path) -> None:
+def test_a_retry_sends_only_what_was_not_acknowledged(tmp_path: Path, index_url: str) -> None:
     datasets = study(5, "FWD5")
     refused = str(datasets[2].SOPInstanceUID)
     port = free_port()
     destination = RecordingSCP(port, refuse_once=refused)
     rules = '\n[[forward]]\ndestination = "DEST"\n'
-    engine = forwarding_engine(tmp_path, port, rules).start()
+    engine = forwarding_engine(tmp_path, port, rules, index_url).start()
     try:
         send(engine, datasets, "CTSCANNER")
         wait_until(lambda: bool(queue(engine)) and queue(engine)[0][2] == "done", "the forward")
@@ -443,12 +456,14 @@ def test_a_retry_sends_only_what_was_not_acknowledged(tmp_path: Path) -> None:
         destination.close()
 
 
-def test_a_forward_cut_short_by_a_shutdown_goes_on_at_the_next_start(tmp_path: Path) -> None:
+def test_a_forward_cut_short_by_a_shutdown_goes_on_at_the_next_start(
+    tmp_path: Path, index_url: str
+) -> None:
     datasets = study(8, "FWD6")
     port = free_port()
     destination = RecordingSCP(port, delay=0.2)
     rules = '\n[[forward]]\ndestination = "DEST"\n'
-    engine = forwarding_engine(tmp_path, port, rules).start()
+    engine = forwarding_engine(tmp_path, port, rules, index_url).start()
     try:
         send(engine, datasets, "CTSCANNER")
         wait_until(lambda: destination.count() >= 2, "the forward to be under way")

@@ -2,7 +2,8 @@
 a dcmtk ``storescp`` (started here) or a pynetdicom SCP as the destination.
 
 The destination is declared in ``[[dicom.peers]]``; what arrives there must be the
-datasets that were stored, and the responses carry the sub-operation counts.
+datasets that were stored, and the responses carry the sub-operation counts. The
+engine filled once per module runs on each index backend (the ``backend`` fixture).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from engine import status
 from tests.helpers import TRANSPORT, Engine, ct_dataset, dcmtk_env, free_port, send_datasets
+from tests.postgres import new_index
+
+# PostgreSQL in both transports' runs (tests/postgres.py).
+POSTGRES_ON_EVERY_TRANSPORT = True
 
 WAIT = 30.0
 
@@ -65,7 +70,10 @@ def destination(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
 
 @pytest.fixture(scope="module")
 def engine(
-    tmp_path_factory: pytest.TempPathFactory, destination: tuple[int, Path]
+    backend: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    destination: tuple[int, Path],
+    request: pytest.FixtureRequest,
 ) -> Iterator[tuple[Engine, list[list[Dataset]]]]:
     port, _ = destination
     down = free_port()  # declared, but nothing listens there
@@ -80,7 +88,7 @@ ae_title = "DOWN"
 host = "127.0.0.1"
 port = {down}
 """
-    engine = Engine(tmp_path_factory.mktemp("move"))
+    engine = Engine(tmp_path_factory.mktemp("move"), index_url=new_index(backend, request, "move"))
     assert engine.config_path is not None
     engine.config_path.write_text(engine.config_path.read_text() + peers)
     engine.start()

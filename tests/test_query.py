@@ -1,4 +1,5 @@
-"""C-FIND matching over a real index written by the engine's own SQLiteIndex."""
+"""C-FIND matching over a real index written by the engine's own index class, on SQLite
+and on PostgreSQL (the ``backend`` fixture)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import re
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from pydicom import config
 from pydicom.dataelem import DataElement
@@ -30,14 +33,22 @@ from engine import status
 from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, Existing, decide
 from engine.index.base import InstanceRow
+from engine.index.dialect import POSTGRESQL, SQLITE, Dialect
+from engine.index.postgresql import PostgresIndex, SyncConnection
+from engine.index.reads import Connection
 from engine.index.sqlite import SQLiteIndex
 from engine.query import ranges
 from engine.query.find import Model, QueryError, plan, run
 from engine.stages.validate import extract
 from tests.helpers import ct_dataset
+from tests.postgres import POSTGRES
+
+# PostgreSQL in both transports' runs (tests/postgres.py).
+POSTGRES_ON_EVERY_TRANSPORT = True
 
 PR, SR = Model.PATIENT_ROOT, Model.STUDY_ROOT
-TABLE_SCAN = re.compile(r"SCAN (p|st|se|i|x)\b")  # a scan of a table, not of a subquery
+# A scan of a whole table (not of a subquery): SQLite's and PostgreSQL's words.
+TABLE_SCAN = re.compile(r"SCAN (p|st|se|i|x)\b|Seq Scan on \w+ (p|st|se|i|x)\b")
 JAPANESE = "山田^太郎=やまだ^たろう"
 
 # Studies: (uid, patient id, name, date, time, accession, description,
@@ -111,18 +122,36 @@ def _reject(existing: Existing | None, digest: str) -> Decision:
     return decide(existing, digest, DuplicatePolicy.REJECT)
 
 
+@dataclass
+class Db:
+    """A read connection to an index built by the engine, and that index's SQL dialect."""
+
+    connection: Connection
+    dialect: Dialect
+    # The steps of the database's plan for a query (SQLite's EXPLAIN QUERY PLAN,
+    # PostgreSQL's EXPLAIN), one line each.
+    explain: Callable[[str, tuple[object, ...]], list[str]]
+
+
 @pytest.fixture(scope="module")
-def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sqlite3.Connection]:
-    path: Path = tmp_path_factory.mktemp("query") / "index.sqlite"
+def db(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Db]:
     rows = [
         InstanceRow(
             extract(ds), ExplicitVRLittleEndian, f"f{i}", 10, f"d{i}", time.time(), "S", "E", "ip"
         )
         for i, ds in enumerate(_datasets())
     ]
+    index: SQLiteIndex | PostgresIndex
+    if backend == POSTGRES:
+        url = request.getfixturevalue("postgres").create("query")
+        index = PostgresIndex(url, durable=False)
+    else:
+        path: Path = tmp_path_factory.mktemp("query") / "index.sqlite"
+        index = SQLiteIndex(path, durable=False)
 
     async def build() -> None:
-        index = SQLiteIndex(path, durable=False)
         await index.open()
         try:
             await index.commit_batch(rows, [], _reject)
@@ -130,8 +159,37 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sqlite3.Connection]
             await index.close()
 
     asyncio.run(build())
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        yield connection
+    if backend != POSTGRES:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+
+            def explain(sql: str, params: tuple[object, ...]) -> list[str]:
+                rows = connection.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+                return [row[-1] for row in rows]
+
+            yield Db(connection, SQLITE, explain)
+        return
+    # The engine's blocking facade over asyncpg, driven by a loop of this thread.
+    loop = asyncio.new_event_loop()
+    try:
+        pg = loop.run_until_complete(asyncpg.connect(url))
+
+        def explain_pg(sql: str, params: tuple[object, ...]) -> list[str]:
+            # The tables are tiny: PostgreSQL rightly prefers to read them whole unless
+            # told not to, and then uses an index wherever one applies.
+            async def steps() -> list[str]:
+                async with pg.transaction():
+                    await pg.execute("SET LOCAL enable_seqscan = off")
+                    rows = await pg.fetch(f"EXPLAIN {POSTGRESQL.sql(sql)}", *params)
+                return [str(row[0]) for row in rows]
+
+            return loop.run_until_complete(steps())
+
+        try:
+            yield Db(SyncConnection(pg, loop.run_until_complete), POSTGRESQL, explain_pg)
+        finally:
+            loop.run_until_complete(pg.close())
+    finally:
+        loop.close()
 
 
 def ident(level: str | None, **keys: Any) -> Dataset:
@@ -144,13 +202,17 @@ def ident(level: str | None, **keys: Any) -> Dataset:
 
 
 def query(
-    db: sqlite3.Connection,
+    db: Db,
     model: Model,
     level: str,
     fuzzy: bool = False,
     **keys: Any,
 ) -> list[Dataset]:
-    return list(run(db, plan(model, ident(level, **keys), fuzzy_names=fuzzy)))
+    return find(db, model, ident(level, **keys), fuzzy=fuzzy)
+
+
+def find(db: Db, model: Model, identifier: Dataset, fuzzy: bool = False) -> list[Dataset]:
+    return list(run(db.connection, plan(model, identifier, fuzzy_names=fuzzy, dialect=db.dialect)))
 
 
 def col(results: list[Dataset], keyword: str) -> list[Any]:
@@ -161,7 +223,7 @@ def col(results: list[Dataset], keyword: str) -> list[Any]:
     return values
 
 
-def study_uids(db: sqlite3.Connection, **keys: Any) -> list[str]:
+def study_uids(db: Db, **keys: Any) -> list[str]:
     return col(query(db, SR, "STUDY", StudyInstanceUID="", **keys), "StudyInstanceUID")
 
 
@@ -184,7 +246,7 @@ def error_of(model: Model, identifier: Dataset) -> QueryError:
 # -- levels and models ----------------------------------------------------------------
 
 
-def test_patient_level_in_patient_root_with_computed_counts(db: sqlite3.Connection) -> None:
+def test_patient_level_in_patient_root_with_computed_counts(db: Db) -> None:
     identifier = ident(
         "PATIENT",
         PatientID="",
@@ -194,7 +256,7 @@ def test_patient_level_in_patient_root_with_computed_counts(db: sqlite3.Connecti
         NumberOfPatientRelatedSeries="",
         NumberOfPatientRelatedInstances="",
     )
-    results = list(run(db, plan(PR, identifier)))
+    results = find(db, PR, identifier)
     assert col(results, "PatientName") == ["DOE^JOHN", "Doe^John", JAPANESE]
     assert col(results, "PatientID") == ["PID2", "PID1", "PID3"]
     assert col(results, "PatientSex") == ["M", "M", "F"]
@@ -206,7 +268,7 @@ def test_patient_level_in_patient_root_with_computed_counts(db: sqlite3.Connecti
         assert set(ds.keys()) == set(identifier.keys())  # the request's keys, no more
 
 
-def test_study_level_in_both_models(db: sqlite3.Connection) -> None:
+def test_study_level_in_both_models(db: Db) -> None:
     assert study_uids(db) == ["1.2.3.4", "1.2.3.1", "1.2.3.3", "1.2.3.2"]  # by date, time
     results = query(db, PR, "STUDY", PatientID="PID1", StudyInstanceUID="", StudyDate="")
     assert col(results, "StudyInstanceUID") == ["1.2.3.1", "1.2.3.2"]
@@ -214,7 +276,7 @@ def test_study_level_in_both_models(db: sqlite3.Connection) -> None:
     assert col(results, "PatientID") == ["PID1", "PID1"]
 
 
-def test_series_level_with_computed_count(db: sqlite3.Connection) -> None:
+def test_series_level_with_computed_count(db: Db) -> None:
     keys: dict[str, Any] = {
         "StudyInstanceUID": "1.2.3.2",
         "SeriesInstanceUID": "",
@@ -233,7 +295,7 @@ def test_series_level_with_computed_count(db: sqlite3.Connection) -> None:
         assert col(results, "StudyInstanceUID") == ["1.2.3.2"] * 2
 
 
-def test_image_level_in_both_models(db: sqlite3.Connection) -> None:
+def test_image_level_in_both_models(db: Db) -> None:
     keys: dict[str, Any] = {
         "StudyInstanceUID": "1.2.3.1",
         "SeriesInstanceUID": "1.2.3.1.1",
@@ -254,7 +316,7 @@ def test_image_level_in_both_models(db: sqlite3.Connection) -> None:
     assert col(single, "InstanceNumber") == [2]
 
 
-def test_wrong_parent_finds_nothing(db: sqlite3.Connection) -> None:
+def test_wrong_parent_finds_nothing(db: Db) -> None:
     keys: dict[str, Any] = {"StudyInstanceUID": "1.2.3.1", "SeriesInstanceUID": ""}
     assert query(db, PR, "SERIES", PatientID="PID2", **keys) == []
 
@@ -262,7 +324,7 @@ def test_wrong_parent_finds_nothing(db: sqlite3.Connection) -> None:
 # -- matching -------------------------------------------------------------------------
 
 
-def test_single_value_and_wildcards(db: sqlite3.Connection) -> None:
+def test_single_value_and_wildcards(db: Db) -> None:
     assert study_uids(db, AccessionNumber="ACC3") == ["1.2.3.3"]
     assert study_uids(db, AccessionNumber="acc3") == []  # case-sensitive
     assert study_uids(db, StudyDescription="CT*") == ["1.2.3.1", "1.2.3.3"]
@@ -275,7 +337,7 @@ def test_single_value_and_wildcards(db: sqlite3.Connection) -> None:
     assert study_uids(db, StudyDescription="*") == ["1.2.3.4", "1.2.3.1", "1.2.3.3", "1.2.3.2"]
 
 
-def test_person_names_case_and_component_groups(db: sqlite3.Connection) -> None:
+def test_person_names_case_and_component_groups(db: Db) -> None:
     assert study_uids(db, PatientName="Doe^John") == ["1.2.3.1", "1.2.3.2"]
     assert study_uids(db, PatientName="doe^john") == []
     assert study_uids(db, PatientName="Doe*") == ["1.2.3.1", "1.2.3.2"]
@@ -292,7 +354,7 @@ def test_person_names_case_and_component_groups(db: sqlite3.Connection) -> None:
     assert study_uids(db, PatientName="たろう") == []
 
 
-def test_date_and_time_ranges(db: sqlite3.Connection) -> None:
+def test_date_and_time_ranges(db: Db) -> None:
     assert study_uids(db, StudyDate="20240310") == ["1.2.3.3", "1.2.3.2"]
     assert study_uids(db, StudyDate="20240101-20240309") == ["1.2.3.1"]
     assert study_uids(db, StudyDate="20240105-20240310") == ["1.2.3.1", "1.2.3.3", "1.2.3.2"]
@@ -316,7 +378,7 @@ def test_range_bounds_for_each_vr() -> None:
             ranges.bounds(vr, value)
 
 
-def test_malformed_values_are_unable_to_process(db: sqlite3.Connection) -> None:
+def test_malformed_values_are_unable_to_process(db: Db) -> None:
     for keyword, vr, value in [
         ("StudyDate", "DA", "20240101-2024"),
         ("StudyDate", "DA", "20241301"),
@@ -336,7 +398,7 @@ def test_malformed_values_are_unable_to_process(db: sqlite3.Connection) -> None:
     assert error_of(SR, identifier).status == status.INVALID_MATCHING_VALUE
 
 
-def test_uid_lists(db: sqlite3.Connection) -> None:
+def test_uid_lists(db: Db) -> None:
     listed_uids = query(db, SR, "STUDY", StudyInstanceUID="1.2.3.3\\1.2.3.1\\1.2.3.9")
     assert col(listed_uids, "StudyInstanceUID") == ["1.2.3.1", "1.2.3.3"]
     keys: dict[str, Any] = {"StudyInstanceUID": "1.2.3.1", "SeriesInstanceUID": "1.2.3.1.2"}
@@ -345,11 +407,11 @@ def test_uid_lists(db: sqlite3.Connection) -> None:
     assert study_uids(db, SOPClassesInStudy=f"{SecondaryCaptureImageStorage}\\1.2.9") == ["1.2.3.2"]
 
 
-def test_multiple_values_match_any(db: sqlite3.Connection) -> None:
+def test_multiple_values_match_any(db: Db) -> None:
     assert study_uids(db, AccessionNumber="ACC4\\ACC2") == ["1.2.3.4", "1.2.3.2"]
 
 
-def test_universal_matching_returns_values(db: sqlite3.Connection) -> None:
+def test_universal_matching_returns_values(db: Db) -> None:
     results = query(
         db,
         SR,
@@ -377,7 +439,7 @@ def test_universal_matching_returns_values(db: sqlite3.Connection) -> None:
     assert echoed[0].SpecificCharacterSet == "ISO_IR 100"
 
 
-def test_modalities_in_study(db: sqlite3.Connection) -> None:
+def test_modalities_in_study(db: Db) -> None:
     results = query(db, SR, "STUDY", StudyInstanceUID="", ModalitiesInStudy="")
     assert [listed(v) for v in col(results, "ModalitiesInStudy")] == [
         ["MR"],
@@ -391,7 +453,7 @@ def test_modalities_in_study(db: sqlite3.Connection) -> None:
     assert study_uids(db, ModalitiesInStudy="XA") == []
 
 
-def test_study_computed_keys(db: sqlite3.Connection) -> None:
+def test_study_computed_keys(db: Db) -> None:
     results = query(
         db,
         PR,
@@ -412,12 +474,12 @@ def test_study_computed_keys(db: sqlite3.Connection) -> None:
     assert col(results, "NumberOfPatientRelatedStudies") == [2, 2]
     # Counts are return keys: a value given is not matched, and is reported unsupported.
     identifier = ident("STUDY", StudyInstanceUID="", NumberOfStudyRelatedSeries="1")
-    counted = plan(SR, identifier)
-    assert len(list(run(db, counted))) == 4
+    counted = plan(SR, identifier, dialect=db.dialect)
+    assert len(list(run(db.connection, counted))) == 4
     assert counted.pending_status == status.PENDING_UNSUPPORTED_KEYS
 
 
-def test_unknown_and_lower_level_keys_are_returned_empty(db: sqlite3.Connection) -> None:
+def test_unknown_and_lower_level_keys_are_returned_empty(db: Db) -> None:
     identifier = ident(
         "STUDY",
         StudyInstanceUID="1.2.3.2",
@@ -428,9 +490,9 @@ def test_unknown_and_lower_level_keys_are_returned_empty(db: sqlite3.Connection)
     )
     identifier.add_new(0x00091010, "LO", "private")
     identifier.SeriesNumber = "7"  # below the query level: not matched
-    query_plan = plan(SR, identifier)
+    query_plan = plan(SR, identifier, dialect=db.dialect)
     assert query_plan.pending_status == status.PENDING_UNSUPPORTED_KEYS
-    (ds,) = list(run(db, query_plan))
+    (ds,) = list(run(db.connection, query_plan))
     assert set(ds.keys()) == set(identifier.keys())
     assert ds.StudyInstanceUID == "1.2.3.2"
     assert ds.InstitutionName == "" and ds.SOPInstanceUID == "" and ds.SeriesNumber is None
@@ -439,19 +501,19 @@ def test_unknown_and_lower_level_keys_are_returned_empty(db: sqlite3.Connection)
     assert plan(SR, ident("STUDY", StudyInstanceUID="")).pending_status == status.PENDING
 
 
-def test_raw_wildcard_in_an_integer_key_is_universal(db: sqlite3.Connection) -> None:
+def test_raw_wildcard_in_an_integer_key_is_universal(db: Db) -> None:
     # pydicom cannot hold "*" in an IS; the engine gets such an identifier off the wire.
     identifier = raw(0x0020, 0x0011, "IS", b"* ")  # SeriesNumber
     identifier.QueryRetrieveLevel = "SERIES"
     identifier.StudyInstanceUID = "1.2.3.1"
-    results = list(run(db, plan(SR, identifier)))
+    results = find(db, SR, identifier)
     assert [ds.SeriesNumber for ds in results] == [1, 2]
 
 
 # -- hierarchy and errors -------------------------------------------------------------
 
 
-def test_hierarchy_errors(db: sqlite3.Connection) -> None:
+def test_hierarchy_errors(db: Db) -> None:
     bad = status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
     cases = [
         (SR, ident("SERIES", SeriesInstanceUID="")),  # no StudyInstanceUID
@@ -468,22 +530,21 @@ def test_hierarchy_errors(db: sqlite3.Connection) -> None:
         assert error_of(model, identifier).status == bad, identifier
 
 
-def test_limit(db: sqlite3.Connection) -> None:
-    query_plan = plan(SR, ident("STUDY", StudyInstanceUID=""))
-    matches = run(db, query_plan, limit=2)
+def test_limit(db: Db) -> None:
+    query_plan = plan(SR, ident("STUDY", StudyInstanceUID=""), dialect=db.dialect)
+    matches = run(db.connection, query_plan, limit=2)
     assert [ds.StudyInstanceUID for ds in matches] == ["1.2.3.4", "1.2.3.1"]
     assert matches.limit_hit and matches.count == 2
-    exact = run(db, query_plan, limit=4)
+    exact = run(db.connection, query_plan, limit=4)
     assert len(list(exact)) == 4 and not exact.limit_hit
-    unlimited = run(db, query_plan)
+    unlimited = run(db.connection, query_plan)
     assert len(list(unlimited)) == 4 and not unlimited.limit_hit
 
 
-def test_queries_use_the_indexes(db: sqlite3.Connection) -> None:
+def test_queries_use_the_indexes(db: Db) -> None:
     def steps(model: Model, identifier: Dataset) -> str:
-        query_plan = plan(model, identifier)
-        rows = db.execute(f"EXPLAIN QUERY PLAN {query_plan.sql}", query_plan.params).fetchall()
-        return "\n".join(row[-1] for row in rows)
+        query_plan = plan(model, identifier, dialect=db.dialect)
+        return "\n".join(db.explain(query_plan.sql, query_plan.params))
 
     by_uid = steps(
         SR,

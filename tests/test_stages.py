@@ -24,6 +24,7 @@ from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, Existing, decide
 from engine.errors import StorageError
 from engine.index.base import InstanceRow, QuarantineRow
+from engine.index.postgresql import PostgresIndex
 from engine.index.sqlite import SQLiteIndex
 from engine.model import Origin, Outcome, Received, Rejection
 from engine.stages.flow import STOP, Item, Stop, take_batch
@@ -254,9 +255,15 @@ def _row(ds: Dataset, digest: str, path: str) -> InstanceRow:
     )
 
 
-def test_index_judges_duplicates_inside_one_batch(tmp_path: Path) -> None:
+def test_index_judges_duplicates_inside_one_batch(tmp_path: Path, index_url: str) -> None:
+    """On each index backend (``index_url``: SQLite, PostgreSQL)."""
+
     async def scenario() -> None:
-        index = SQLiteIndex(tmp_path / "i.sqlite", durable=True)
+        index: SQLiteIndex | PostgresIndex = (
+            PostgresIndex(index_url, durable=True)
+            if index_url
+            else SQLiteIndex(tmp_path / "i.sqlite", durable=True)
+        )
         await index.open()
         try:
             a, b = sample(), sample()
@@ -296,10 +303,8 @@ def test_index_judges_duplicates_inside_one_batch(tmp_path: Path) -> None:
                 "forward_pending": 0,
                 "forward_failed": 0,
             }
-            async with index.reader.execute(
-                "SELECT num_series, num_instances, modalities FROM studies"
-            ) as cursor:
-                assert await cursor.fetchall() == [(2, 2, "CT")]
+            studies = await index.read("SELECT num_series, num_instances, modalities FROM studies")
+            assert [tuple(row) for row in studies] == [(2, 2, "CT")]
         finally:
             await index.close()
 

@@ -1,4 +1,5 @@
-"""dcmtk's storescu sends a folder; every instance is stored, identical, counted once."""
+"""dcmtk's storescu sends a folder; every instance is stored, identical, counted once (on
+each index backend: the ``backend`` fixture)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pydicom import dcmread
 
 from tests.helpers import Engine, storescu, write_study
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.usefixtures("backend")]
 
 
 def test_storescu_folder_is_stored_identically(engine: Engine, tmp_path: Path) -> None:
