@@ -266,11 +266,24 @@ def associate(
     )
 
 
-def rejection(assoc: Any) -> tuple[int, int, int]:
-    """(result, source, reason) of the A-ASSOCIATE-RJ the requestor received."""
-    assert assoc.is_rejected and not assoc.is_established
-    rj = assoc.acceptor.primitive
-    return int(rj.result), int(rj.result_source), int(rj.diagnostic)
+# pynetdicom's requestor now and then reports an A-ASSOCIATE-RJ it received as an abort:
+# its debug log shows the RJ decoded, then "Aborting Association" (a race in its DUL
+# thread; 12 of 300 attempts on a loaded machine, none from dcmtk). Such an attempt is
+# made again; the engine answered each with an RJ (one log line each).
+RJ_ATTEMPTS = 3
+
+
+def rejected(engine: Engine, calling: str, **kwargs: Any) -> tuple[tuple[int, int, int], int]:
+    """(result, source, reason) of the A-ASSOCIATE-RJ a pynetdicom requestor received, and
+    how many attempts that took."""
+    for attempt in range(1, RJ_ATTEMPTS + 1):
+        assoc = associate(engine, calling, **kwargs)
+        if assoc.is_aborted and not assoc.is_rejected and attempt < RJ_ATTEMPTS:
+            continue
+        assert assoc.is_rejected and not assoc.is_established
+        rj = assoc.acceptor.primitive
+        return (int(rj.result), int(rj.result_source), int(rj.diagnostic)), attempt
+    raise AssertionError("unreachable")
 
 
 def rejected_lines(engine: Engine, calling: str) -> list[str]:
@@ -298,27 +311,29 @@ def test_an_unknown_calling_ae_is_rejected(strict: Engine, tmp_path: Path) -> No
     assert "Calling AE Title Not Recognized" in stored.stdout + stored.stderr
     assert strict.stored_files() == []  # nothing is written
 
-    assoc = associate(strict, "STRANGER3")
-    assert rejection(assoc) == (PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
-    assert len(rejected_lines(strict, "STRANGER3")) == 1
+    reason, attempts = rejected(strict, "STRANGER3")
+    assert reason == (PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
+    assert len(rejected_lines(strict, "STRANGER3")) == attempts
 
 
 @pytest.mark.peers
 def test_a_wrong_called_ae_is_rejected(strict: Engine) -> None:
     assert "Called AE Title Not Recognized" in echoscu(strict, "SCANNER", called="NOTENGINE")
-    assoc = associate(strict, "VIEWER", called="NOTENGINE")
-    assert rejection(assoc) == (PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNIZED)
+    reason, attempts = rejected(strict, "VIEWER", called="NOTENGINE")
+    assert reason == (PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNIZED)
     lines = [x for x in rejected_lines(strict, "VIEWER") if "'NOTENGINE'" in x]
-    assert lines == [lines[0]] and lines[0].endswith("is not 'ENGINE'")
+    assert len(lines) == attempts and all(x.endswith("is not 'ENGINE'") for x in lines)
 
 
 @pytest.mark.peers
 def test_a_declared_peer_must_call_from_its_host(strict: Engine) -> None:
     # FARAWAY is declared at 127.0.0.2: from 127.0.0.1 it is not recognized ...
-    assoc = associate(strict, "FARAWAY")
-    assert rejection(assoc) == (PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
-    (line,) = rejected_lines(strict, "FARAWAY")
-    assert line.endswith("calling AE title 'FARAWAY' is declared at 127.0.0.2, not 127.0.0.1")
+    reason, attempts = rejected(strict, "FARAWAY")
+    assert reason == (PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
+    lines = rejected_lines(strict, "FARAWAY")
+    assert len(lines) == attempts
+    for line in lines:
+        assert line.endswith("calling AE title 'FARAWAY' is declared at 127.0.0.2, not 127.0.0.1")
     # ... from 127.0.0.2 it is.
     assoc = associate(strict, "FARAWAY", bind=ELSEWHERE)
     assert assoc.is_established
@@ -328,8 +343,8 @@ def test_a_declared_peer_must_call_from_its_host(strict: Engine) -> None:
         assoc.release()
     assert re.search(r"association accepted: FARAWAY from 127\.0\.0\.2:\d+", strict.log())
     # SCANNER is declared at 127.0.0.1: from 127.0.0.2 it is not.
-    assoc = associate(strict, "SCANNER", bind=ELSEWHERE)
-    assert rejection(assoc) == (PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
+    reason, _ = rejected(strict, "SCANNER", bind=ELSEWHERE)
+    assert reason == (PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
     assert "calling AE title 'SCANNER' is declared at 127.0.0.1, not 127.0.0.2" in strict.log()
     # A host name is resolved at start: LOCALNAME is "localhost".
     assoc = associate(strict, "LOCALNAME")
