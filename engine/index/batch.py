@@ -167,7 +167,7 @@ def lock_keys(rows: Iterable[InstanceRow]) -> list[str]:
         a = row.attributes
         keys.append(f"instance {row.sop_instance_uid}")
         keys.append(f"study {a['study_uid']}")
-        keys.append(f"patient {a['patient_id']}\\{a['issuer_of_patient_id']}")
+        keys.append(_patient_key(a["patient_id"], a["issuer_of_patient_id"]))
     return keys
 
 
@@ -254,18 +254,28 @@ def commit(
 
 
 def forget(db: Connection, sop_instance_uids: list[str], lock: Lock | None = None) -> None:
-    """Remove rows (whose files are gone) and recount their series and studies."""
+    """Remove rows (whose files are gone), recount their series and studies, and remove
+    the series, studies and patients left without instances.
+
+    On a shared index it locks what it may remove, as a batch locks what it writes (the
+    instances, their studies and patients, in one call): a batch adding a study to one of
+    these patients meanwhile on another node never finds its patient row gone.
+    """
     found = select_existing(db, sop_instance_uids)
-    if lock is not None and found:
-        keys = [f"instance {u}" for u in found] + [f"study {v[3]}" for v in found.values()]
-        lock(db, keys)
-        found = select_existing(db, list(found))
     if not found:
         return
+    studies = sorted({v[3] for v in found.values()})
+    patients = _patients_of(db, studies)
+    if lock is not None:
+        keys = [f"instance {u}" for u in found] + [f"study {s}" for s in studies]
+        lock(db, keys + [_patient_key(*p) for p in patients])
+        found = select_existing(db, list(found))
+        if not found:
+            return
+        studies = sorted({v[3] for v in found.values()})
     db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", [[u] for u in found])
     db.executemany(_DROP_HEADER, [[u] for u in found])
     series = sorted({v[2] for v in found.values()})
-    studies = sorted({v[3] for v in found.values()})
     db.executemany(_RECOUNT_SERIES, [(s, 0.0) for s in series])
     db.executemany(
         "DELETE FROM series WHERE series_uid = ? AND num_instances = 0", [[s] for s in series]
@@ -274,11 +284,30 @@ def forget(db: Connection, sop_instance_uids: list[str], lock: Lock | None = Non
     db.executemany(
         "DELETE FROM studies WHERE study_uid = ? AND num_instances = 0", [[s] for s in studies]
     )
-    db.execute(
-        "DELETE FROM patients WHERE NOT EXISTS (SELECT 1 FROM studies WHERE "
-        "studies.patient_id = patients.patient_id AND "
-        "studies.issuer_of_patient_id = patients.issuer_of_patient_id)"
+    db.executemany(
+        "DELETE FROM patients WHERE patient_id = ?1 AND issuer_of_patient_id = ?2"
+        " AND NOT EXISTS (SELECT 1 FROM studies WHERE"
+        " studies.patient_id = ?1 AND studies.issuer_of_patient_id = ?2)",
+        patients,
     )
+
+
+def _patient_key(patient_id: str, issuer: str) -> str:
+    return f"patient {patient_id}\\{issuer}"
+
+
+def _patients_of(db: Connection, studies: list[str]) -> list[tuple[str, str]]:
+    """(PatientID, IssuerOfPatientID) of these studies."""
+    patients: set[tuple[str, str]] = set()
+    for chunk in chunks(studies):
+        marks = ", ".join("?" for _ in chunk)
+        rows = db.execute(
+            "SELECT patient_id, issuer_of_patient_id FROM studies"
+            f" WHERE study_uid IN ({marks})",
+            chunk,
+        )
+        patients.update((str(p), str(i)) for p, i in rows)
+    return sorted(patients)
 
 
 def _instance_values(row: InstanceRow) -> list[Any]:
