@@ -240,14 +240,18 @@ def _leftovers(storage: Path, crashed: Scratch) -> tuple[list[str], list[str]]:
     return temps, sorted({*open_batches, *stale})
 
 
+# The counters the index keeps, against its rows: each query names what disagrees (SQL
+# both index backends run; tests/burst.py runs them on PostgreSQL too).
+COUNTER_CHECKS = (
+    "SELECT 'series ' || s.series_uid FROM series s WHERE s.num_instances != "
+    "(SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid)",
+    "SELECT 'study ' || s.study_uid FROM studies s WHERE s.num_instances != "
+    "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid)",
+    "SELECT 'study ' || s.study_uid || ' (series count)' FROM studies s WHERE s.num_series"
+    " != (SELECT COUNT(*) FROM series r WHERE r.study_uid = s.study_uid)",
+)
+
+
 def _counter_mismatches(index_path: Path) -> list[str]:
-    checks = (
-        "SELECT 'series ' || s.series_uid FROM series s WHERE s.num_instances != "
-        "(SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid)",
-        "SELECT 'study ' || s.study_uid FROM studies s WHERE s.num_instances != "
-        "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid)",
-        "SELECT 'study ' || s.study_uid || ' (series count)' FROM studies s WHERE s.num_series"
-        " != (SELECT COUNT(*) FROM series r WHERE r.study_uid = s.study_uid)",
-    )
     with contextlib.closing(_connect(index_path)) as db:
-        return sorted(str(r[0]) for sql in checks for r in db.execute(sql).fetchall())
+        return sorted(str(r[0]) for sql in COUNTER_CHECKS for r in db.execute(sql).fetchall())

@@ -23,7 +23,7 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 
 from bench import audit
-from bench.audit import Row
+from bench.audit import COUNTER_CHECKS, Row
 from engine import digest, status
 from tests.helpers import Engine, ct_dataset
 
@@ -256,17 +256,6 @@ def leftovers(engine: Engine) -> tuple[list[Path], list[str]]:
     area = engine.area()
     written = sorted(p for p in area.incoming.iterdir() if p.stat().st_size)
     return written, sorted(name for name, _ in area.journals())
-
-
-# The counters the index keeps, against its rows (``bench.audit`` makes the same checks).
-COUNTER_CHECKS = (
-    "SELECT 'series ' || s.series_uid FROM series s WHERE s.num_instances != "
-    "(SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid)",
-    "SELECT 'study ' || s.study_uid FROM studies s WHERE s.num_instances != "
-    "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid)",
-    "SELECT 'study ' || s.study_uid || ' (series count)' FROM studies s WHERE s.num_series"
-    " != (SELECT COUNT(*) FROM series r WHERE r.study_uid = s.study_uid)",
-)
 
 
 def consistency(engine: Engine, acked: set[str]) -> list[str]:
