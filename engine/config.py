@@ -123,8 +123,9 @@ class StorageConfig:
     quarantine_path: Path | None = None
     fsync: bool = True
     sync_method: SyncMethod = SyncMethod.SYNCFS
-    # Threads writing incoming datasets to temp files as they arrive (native transport).
-    write_threads: int = 1
+    # Threads writing incoming datasets to temp files as they arrive (native transport)
+    # and renaming them into place; 0: the event loop writes them itself (local disks).
+    write_threads: int = 0
 
     @property
     def quarantine(self) -> Path:
@@ -422,7 +423,6 @@ def _check(config: Config) -> None:
         "pipeline.queue_size": config.pipeline.queue_size,
         "pipeline.batch_max": config.pipeline.batch_max,
         "dicom.receive_buffer": config.dicom.receive_buffer,
-        "storage.write_threads": config.storage.write_threads,
         "query.max_matches": config.query.max_matches,
     }
     for key, value in positive.items():
@@ -430,6 +430,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"'{key}' must be greater than 0, not {value}")
     if config.dicom.maximum_pdu_size < 0:
         raise ConfigError("'dicom.maximum_pdu_size' must be 0 (unlimited) or more")
+    if config.storage.write_threads < 0:
+        raise ConfigError("'storage.write_threads' must be 0 (the event loop writes) or more")
     if config.ingest.decode_workers < 0:
         raise ConfigError("'ingest.decode_workers' must be 0 (one per core) or more")
     seen: set[str] = set()

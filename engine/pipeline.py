@@ -57,7 +57,10 @@ class Pipeline:
         self.metrics.watch_pipeline(
             lambda: self.receiver.in_pipeline, lambda: self.receiver.waiting
         )
-        self.thread = write.StorageThread()
+        # Storage I/O on the loop's own thread (write_threads = 0), unless each file is
+        # synced on its own (sync_method = "fsync"): those waits need threads.
+        threads = config.storage.write_threads or (1 if storage.sync_each else 0)
+        self.thread = write.StorageThread(inline=threads == 0)
         self.in_flight = write.InFlight()
         self.decoder = codecs.Decoder(config.ingest.decode_workers, config.ingest.decode_timeout)
         # Temp files written as datasets arrive (native transport); the pipeline owns
@@ -65,7 +68,7 @@ class Pipeline:
         self.spooler = Spooler(
             storage.incoming,
             storage.sync_each,
-            config.storage.write_threads,
+            threads,
             validate.inspect_head,
             writeback=storage.fsync,
         )

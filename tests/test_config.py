@@ -53,6 +53,7 @@ def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
         ({**MINIMAL, "ingest": {"duplicate_policy": "ignore"}}, "ingest.duplicate_policy"),
         ({**MINIMAL, "ingest": {"transcode": True}}, "ingest.transcode"),
         ({**MINIMAL, "pipeline": {"queue_size": 0}}, "pipeline.queue_size"),
+        ({**MINIMAL, "storage": {"path": "st", "write_threads": -1}}, "storage.write_threads"),
         ({**MINIMAL, "pipeline": {"batch_max": 1.5}}, "pipeline.batch_max"),
         ({**MINIMAL, "webserver": {}}, "webserver"),
         ({"dicom": {}, "storage": {}}, "[index]"),

@@ -41,13 +41,19 @@ def encoded(ds: object) -> bytes:
 
 
 def spool_once(
-    incoming: Path, data: bytes, cut: int, *, discard: bool = False, last: int = 0
+    incoming: Path,
+    data: bytes,
+    cut: int,
+    *,
+    discard: bool = False,
+    last: int = 0,
+    threads: int = 2,
 ) -> tuple[Spooled | None, list[Path]]:
     """Feed ``data`` to a spool in pieces of ``cut`` bytes; the Spooled (or None) and the
-    files left in ``incoming`` once the spooler is closed."""
+    files left in ``incoming`` once the spooler is closed. ``threads`` 0: the loop writes."""
 
     async def scenario() -> Spooled | None:
-        spooler = Spooler(incoming, fsync=True, threads=2, inspect=validate.inspect_head)
+        spooler = Spooler(incoming, fsync=True, threads=threads, inspect=validate.inspect_head)
         try:
             spool = spooler.open(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, "SCU")
             view = memoryview(data)
@@ -66,17 +72,18 @@ def spool_once(
     return result, sorted(incoming.iterdir())
 
 
+@pytest.mark.parametrize("threads", [0, 2])
 @pytest.mark.parametrize(
     ("cut", "last"), [(1, 0), (4096, 0), (16 * 1024 + 7, 3), (10**9, 0), (10**9, 1), (4096, 50)]
 )
 def test_spool_writes_header_and_fragments_and_parses_the_head(
-    tmp_path: Path, cut: int, last: int
+    tmp_path: Path, cut: int, last: int, threads: int
 ) -> None:
     ds = ct_dataset(generate_uid(), generate_uid(), 1, size=256)  # 128 KB of pixels
     ds.SOPInstanceUID = "1.2.3.4"
     data = encoded(ds)
     assert len(data) > HEAD_BYTES
-    spooled, left = spool_once(tmp_path, data, cut, last=last)
+    spooled, left = spool_once(tmp_path, data, cut, last=last, threads=threads)
     assert spooled is not None
     head = part10.header(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, "SCU")
     assert left == [spooled.temp]
@@ -106,17 +113,21 @@ def test_a_small_dataset_is_parsed_whole_and_a_bad_one_judged_at_once(tmp_path: 
     assert spooled is not None and isinstance(spooled.early, Rejection)
 
 
-def test_a_discarded_spool_leaves_no_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_discarded_spool_leaves_no_file(tmp_path: Path, threads: int) -> None:
     data = encoded(ct_dataset(generate_uid(), generate_uid(), 1, size=256))
-    spooled, left = spool_once(tmp_path, data[: len(data) // 2], 4096, discard=True)
+    spooled, left = spool_once(
+        tmp_path, data[: len(data) // 2], 4096, discard=True, threads=threads
+    )
     assert spooled is None
     assert left == []  # the spare files made ahead are removed at close too
 
 
-def test_a_write_error_reaches_the_future(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_write_error_reaches_the_future(tmp_path: Path, threads: int) -> None:
     incoming = tmp_path / "incoming"  # does not exist: no temp file can be created
     with pytest.raises(OSError):
-        spool_once(incoming, b"\x08\x00" * 100, 50)
+        spool_once(incoming, b"\x08\x00" * 100, 50, threads=threads)
 
 
 # -- through the engine ---------------------------------------------------------------
@@ -145,16 +156,21 @@ def vm_hwm_kb(pid: int) -> int:
 
 
 @pytest.mark.skipif(not NATIVE, reason="the spool is the native transport's")
-def test_a_large_dataset_does_not_sit_in_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [0, 1])
+def test_a_large_dataset_does_not_sit_in_memory(tmp_path: Path, threads: int) -> None:
     """96 MB of pixel data through an engine whose receive_buffer is 1 MB: the engine's
     peak resident memory grows by much less than the dataset (the pynetdicom transport
-    holds all of it)."""
+    holds all of it), whether the loop writes it (0) or a thread does and the reading
+    pauses when it lags (1)."""
     size = 96 * 1024 * 1024
     ds = ct_dataset(generate_uid(), generate_uid(), 1)
     side = int((size // 2) ** 0.5)
     ds.Rows = ds.Columns = side
     ds.PixelData = np.random.default_rng(1).integers(0, 4000, side * side, dtype=np.int16).tobytes()
-    engine = Engine(tmp_path, {"dicom": {"receive_buffer": 1024 * 1024}}).start()
+    engine = Engine(
+        tmp_path,
+        {"dicom": {"receive_buffer": 1024 * 1024}, "storage": {"write_threads": threads}},
+    ).start()
     try:
         assert engine.process is not None
         assert send_datasets(engine, [ct_dataset(generate_uid(), generate_uid(), 1)])[0][1] == 0
@@ -169,11 +185,18 @@ def test_a_large_dataset_does_not_sit_in_memory(tmp_path: Path) -> None:
         engine.stop()
 
 
-@pytest.mark.parametrize("method", ["syncfs", "fsync"])
-def test_both_sync_methods_store_and_survive_a_restart(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "threads"), [("syncfs", 0), ("syncfs", 1), ("fsync", 0), ("fsync", 2)]
+)
+def test_both_sync_methods_store_and_survive_a_restart(
+    tmp_path: Path, method: str, threads: int
+) -> None:
+    """Also with the writes on the loop (write_threads 0) or on threads (a NAS)."""
     study = generate_uid()
     datasets = [ct_dataset(study, generate_uid(), n) for n in range(1, 6)]
-    engine = Engine(tmp_path, {"storage": {"sync_method": method}}).start()
+    engine = Engine(
+        tmp_path, {"storage": {"sync_method": method, "write_threads": threads}}
+    ).start()
     try:
         results = send_datasets(engine, datasets)
         assert results == [(str(ds.SOPInstanceUID), status.SUCCESS) for ds in datasets]

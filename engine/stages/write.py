@@ -28,16 +28,25 @@ T = TypeVar("T")
 
 
 class StorageThread:
-    """The one thread that touches the storage folder."""
+    """The one thread that touches the storage folder: a thread of its own, or (``inline``)
+    the event loop's, for a local disk where renames and appends take microseconds and
+    a hand-off to a thread costs more than they do."""
 
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage")
+    def __init__(self, inline: bool = False) -> None:
+        self._pool = (
+            None
+            if inline
+            else concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage")
+        )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 class InFlight:

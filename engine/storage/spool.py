@@ -7,8 +7,12 @@ file in the storage folder's ``.incoming`` (after the Part 10 header) and feeds
 the digest. When the last fragment arrives, only the tail is left to write (and,
 with fsync on, the file to sync): the file is ready nearly as soon as the data is.
 
-- The threads do the I/O and the hashing, which release the GIL: the second core
-  works while the event loop frames the next PDUs.
+- With ``threads = 0`` (the default on a local disk) the event loop itself writes and
+  hashes each read's fragments as they come: a write into the page cache costs less
+  than waking a thread for it, and every hand-off between threads costs two context
+  switches and a wait for the GIL (on a 2-core VM about a third of the engine's CPU
+  went to them). With threads, they do the I/O and the hashing, which release the GIL
+  (for a NAS, where a write may block for milliseconds).
 - One dataset's jobs all go to one thread, in order; datasets are spread over the
   threads.
 - Memory per dataset is what is queued and not yet written (``pending``); the
@@ -75,6 +79,12 @@ class Spooled:
             self.temp.unlink(missing_ok=True)
 
 
+def _create(incoming: Path) -> tuple[int, Path]:
+    """A new empty temp file in ``incoming``."""
+    path = incoming / f"{uuid.uuid4().hex}.part"
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), path
+
+
 class _Worker:
     """One thread running spool jobs in order.
 
@@ -98,16 +108,13 @@ class _Worker:
             if os.fstat(fd).st_nlink:
                 return fd, path
             os.close(fd)  # removed under us (someone cleared .incoming): make a new one
-        path = self.incoming / f"{uuid.uuid4().hex}.part"
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), path
+        return _create(self.incoming)
 
     def _run(self) -> None:
         while True:
             if len(self.spare) < SPARE_FILES and self.jobs.empty():
                 try:
-                    path = self.incoming / f"{uuid.uuid4().hex}.part"
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    self.spare.append((fd, path))
+                    self.spare.append(_create(self.incoming))
                     continue
                 except OSError as exc:  # a full or read-only disk: jobs will say so
                     log.debug("cannot create a spare temp file: %s", exc)
@@ -140,7 +147,7 @@ class SpoolFile:
     def __init__(
         self,
         spooler: Spooler,
-        worker: _Worker,
+        worker: _Worker | None,
         header: Callable[[], bytes],
         transfer_syntax: str,
     ) -> None:
@@ -185,7 +192,10 @@ class SpoolFile:
             # The header is (nearly always) here: parse it while the pixels arrive.
             self._inspected = True
             head = self._head_bytes()
-        self._worker.jobs.put(lambda: self._write(parts, size, head, writeback))
+        if self._worker is None:
+            self._write(parts, size, head, writeback)
+        else:
+            self._worker.jobs.put(lambda: self._write(parts, size, head, writeback))
 
     def _take(self, parts: list[memoryview]) -> int:
         size = 0
@@ -213,16 +223,28 @@ class SpoolFile:
         self._head.clear()
         inspect = not self._inspected
         self._inspected = True
-        self._worker.jobs.put(lambda: self._finish(parts or [], size, head, inspect, future))
+        if self._worker is None:
+            self._finish(parts or [], size, head, inspect, future)
+        else:
+            self._worker.jobs.put(lambda: self._finish(parts or [], size, head, inspect, future))
         return future
 
     def discard(self) -> None:
         """The dataset will not complete (the peer left or aborted): remove the file."""
         self._spooler.active -= 1
         self._head.clear()
-        self._worker.jobs.put(self._discard)
+        if self._worker is None:
+            self._discard()
+        else:
+            self._worker.jobs.put(self._discard)
 
-    # -- on the worker thread ----------------------------------------------------------
+    # -- on the worker thread (or the loop's, without workers) --------------------------
+
+    def _resolve(self, callback: Callable[..., None], *args: object) -> None:
+        if self._worker is None:
+            callback(*args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
 
     def _open(self) -> None:
         try:
@@ -231,7 +253,11 @@ class SpoolFile:
             log.debug("no Part 10 header: %s", exc)
             head = b""
         try:
-            self._fd, self.temp = self._worker.create()
+            self._fd, self.temp = (
+                self._worker.create()
+                if self._worker is not None
+                else _create(self._spooler.incoming)
+            )
             _write_all(self._fd, head)
             self._header_length = len(head)
         except OSError as exc:
@@ -260,7 +286,7 @@ class SpoolFile:
             self._written += size
             if self.on_drained is not None and self.pending <= self.low_water:
                 callback, self.on_drained = self.on_drained, None
-                self._loop.call_soon_threadsafe(callback)
+                self._resolve(callback)
         if head is not None:
             self._inspect(head, complete=False)
 
@@ -295,7 +321,7 @@ class SpoolFile:
         if self._error is not None:
             error = self._error
             self._discard()
-            self._loop.call_soon_threadsafe(_fail, future, error)
+            self._resolve(_fail, future, error)
             return
         assert self.temp is not None  # opened, or ``_error`` would be set
         spooled = Spooled(
@@ -307,7 +333,7 @@ class SpoolFile:
             synced,
             self._early,
         )
-        self._loop.call_soon_threadsafe(_succeed, future, spooled)
+        self._resolve(_succeed, future, spooled)
 
     def _discard(self) -> None:
         self._close()
@@ -383,8 +409,9 @@ class Spooler:
         self.active = 0  # datasets being received (loop thread)
         self.inspect = inspect
         self.loop = asyncio.get_running_loop()
-        self._workers = [_Worker(f"spool-{n}", incoming) for n in range(max(1, threads))]
-        self._next = itertools.cycle(self._workers)
+        # No threads: every job runs on the loop's thread, when it is handed over.
+        self._workers = [_Worker(f"spool-{n}", incoming) for n in range(threads)]
+        self._next = itertools.cycle(self._workers or [None])
 
     def open(
         self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
