@@ -34,7 +34,7 @@ from engine.metrics import IndexReadings, Metrics, read_index, status_label
 from engine.model import Outcome
 from tests.helpers import REPO, Engine, ct_dataset, free_port, send_datasets
 
-QUEUES = ("validate", "dedupe", "write", "index")
+QUEUES = ("validate", "index")
 WAIT = 30.0
 POLL = 0.05
 EVERY_STATUS = {status_label(status.for_outcome(o)) for o in Outcome}

@@ -238,14 +238,17 @@ class SQLiteIndex:
         Rows are judged in order, each against the index as this transaction has
         left it, so two copies of one UID in the same batch are settled too.
         """
-        if not self.inline or not self._writing.acquire(blocking=False):
+        report: CommitReport | None = None
+        if self.inline and self._writing.acquire(blocking=False):
+            try:  # on the loop's thread, if SQLite's lock is free too (never wait here)
+                if self._begin_now():
+                    report = self._run(batch.commit, self.writer, rows, quarantined, decide)
+            finally:
+                self._writing.release()
+        if report is None:
             return await self._on_writer(
                 self._transaction, batch.commit, self.writer, rows, quarantined, decide
             )
-        try:  # on the loop's thread: the writer was free
-            report = self._run(batch.commit, self.writer, rows, quarantined, decide)
-        finally:
-            self._writing.release()
         if self.flush is not None:
             # An OSError here: committed but not known to be on disk (as on the thread).
             await asyncio.get_running_loop().run_in_executor(None, self.flush)
@@ -255,6 +258,22 @@ class SQLiteIndex:
             self._checkpoint = asyncio.ensure_future(self._on_writer(self._checkpoint_wal))
             self._checkpoint.add_done_callback(self._checkpointed)
         return report
+
+    def _begin_now(self) -> bool:
+        """BEGIN IMMEDIATE without waiting: False if another connection (another
+        program) holds the write lock; the thread, which may wait, takes the batch."""
+        db = self.writer
+        db.execute("PRAGMA busy_timeout = 0")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            log.debug("index busy; committing on the writer's thread")
+            return False
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return True
 
     def _checkpoint_wal(self) -> None:
         """Copy the WAL into the database (PASSIVE: it never waits for readers)."""
@@ -281,14 +300,15 @@ class SQLiteIndex:
     def _transaction(self, body: Callable[..., T], *args: Any) -> T:
         """One transaction on the writer's thread, then the flush (if any)."""
         with self._writing:
+            self.writer.execute("BEGIN IMMEDIATE")
             result = self._run(body, *args)
         if self.flush is not None:
             self.flush()  # an OSError here: committed but not known to be on disk
         return result
 
     def _run(self, body: Callable[..., T], *args: Any) -> T:
+        """The rest of a transaction begun: ``body``, then COMMIT (ROLLBACK on error)."""
         db = self.writer
-        db.execute("BEGIN IMMEDIATE")
         try:
             result = body(*args)
             db.execute("COMMIT")

@@ -1,4 +1,4 @@
-"""Stage 3, dedupe: the fast path for a SOP Instance UID that is already stored.
+"""Dedupe (the first stage's second step): the fast path for a UID that is already stored.
 
 A scanner re-sending after a timeout is normal. Same UID and same bytes: success,
 nothing written. Same UID and other bytes: the configured policy. ``decide`` is
@@ -10,14 +10,13 @@ here, and the second is settled there).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Protocol
 
 from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, Existing, decide
 from engine.model import Outcome, Result
-from engine.stages.flow import Item, Stop, forward, take_batch
+from engine.stages.flow import Item
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +49,20 @@ def apply(item: Item, decision: Decision, existing: Existing | None) -> None:
         item.resolve(Result(OUTCOME_OF[decision], "", existing.path))
 
 
-async def run(
-    inbox: asyncio.Queue[Item | Stop],
-    outbox: asyncio.Queue[Item | Stop],
-    index: Lookup,
-    policy: DuplicatePolicy,
-    batch_max: int,
-) -> None:
-    while True:
-        batch, stop = await take_batch(inbox, batch_max)
-        candidates = [i for i in batch if i.validated is not None and i.rejection is None]
-        if candidates:
-            uids = [i.received.sop_instance_uid for i in candidates]
-            try:
-                quick = index.lookup_now(uids)
-                existing = quick if quick is not None else await index.lookup(uids)
-            except Exception:
-                # The index stage judges again; a failed fast path costs only a write.
-                log.exception("duplicate lookup failed; leaving the decision to the index")
-                existing = {}
-            for item in candidates:
-                assert item.validated is not None
-                found = existing.get(item.received.sop_instance_uid)
-                apply(item, decide(found, item.validated.digest, policy), found)
-        await forward(outbox, batch, stop)
-        if stop:
-            return
+async def process(batch: list[Item], index: Lookup, policy: DuplicatePolicy) -> None:
+    """Look the batch's UIDs up and apply the policy (a step of the first stage)."""
+    candidates = [i for i in batch if i.validated is not None and i.rejection is None]
+    if not candidates:
+        return
+    uids = [i.received.sop_instance_uid for i in candidates]
+    try:
+        quick = index.lookup_now(uids)
+        existing = quick if quick is not None else await index.lookup(uids)
+    except Exception:
+        # The index stage judges again; a failed fast path costs only a write.
+        log.exception("duplicate lookup failed; leaving the decision to the index")
+        existing = {}
+    for item in candidates:
+        assert item.validated is not None
+        found = existing.get(item.received.sop_instance_uid)
+        apply(item, decide(found, item.validated.digest, policy), found)

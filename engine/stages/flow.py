@@ -8,6 +8,7 @@ never held back; under a burst batches grow by themselves.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from engine.model import Outcome, Received, Result, Validated
@@ -75,19 +76,48 @@ def _discard_all(dropped: list[Received]) -> None:
         received.discard()
 
 
-async def forward(outbox: asyncio.Queue[Item | Stop], batch: list[Item], stop: bool) -> None:
-    """Pass the unresolved items on, then the Stop marker if it was seen.
+async def going_on(batch: list[Item]) -> list[Item]:
+    """The items that go on to the next step.
 
     An item already answered (a duplicate, or a sender that gave up waiting) goes
     no further, unless its file is written: then the index must still see it.
     """
-    dropped = []
+    kept, dropped = [], []
     for item in batch:
         if not item.done or item.path is not None:
-            await outbox.put(item)
+            kept.append(item)
         else:
             dropped.append(item.received)  # answered without a file of its own
     if dropped:  # their temp files go, off the loop (a NAS unlink is a round trip)
         await asyncio.to_thread(_discard_all, dropped)
+    return kept
+
+
+async def forward(outbox: asyncio.Queue[Item | Stop], batch: list[Item], stop: bool) -> None:
+    """Pass the items that go on (``going_on``), then the Stop marker if it was seen."""
+    for item in await going_on(batch):
+        await outbox.put(item)
     if stop:
         await outbox.put(STOP)
+
+
+Step = Callable[[list[Item]], Awaitable[None]]
+
+
+async def run_steps(
+    inbox: asyncio.Queue[Item | Stop],
+    outbox: asyncio.Queue[Item | Stop],
+    batch_max: int,
+    steps: Sequence[Step],
+) -> None:
+    """A stage made of several steps run one after the other on each batch (validate,
+    dedupe, write): what the previous step answered goes no further."""
+    while True:
+        batch, stop = await take_batch(inbox, batch_max)
+        for step in steps:
+            if batch:
+                await step(batch)
+                batch = await going_on(batch)
+        await forward(outbox, batch, stop)
+        if stop:
+            return

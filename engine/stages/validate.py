@@ -1,12 +1,12 @@
-"""Stage 2, validate: parse the header only, check what a store needs, extract index keys.
+"""Validate (the first stage's first step): parse the header only, check what a store
+needs, extract the index's keys.
 
-``validate`` is plain code over records (tested without a loop). ``run`` is the
-stage: it takes a batch from its queue, runs ``validate`` for the whole batch in
-a worker thread (parsing and hashing are CPU work that must not hold the event
-loop), sends compressed images to the decoder pool when the configuration asks
+``validate`` is plain code over records (tested without a loop). ``process`` is the
+step: it validates a batch (on the loop when the spool has parsed the headers already,
+else in a worker thread: parsing and hashing are CPU work that must not hold the
+event loop), sends compressed images to the decoder pool when the configuration asks
 for a pixel check or transcoding, and passes every item on. Rejected items keep
-flowing so the write stage can quarantine their bytes and the index can count
-them.
+flowing so the write step can quarantine their bytes and the index can count them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from engine import digest as content_digest
 from engine.attributes import ALL_KEYS, INTEGER_COLUMNS
 from engine.config import IngestConfig, Transcode
 from engine.model import Outcome, Received, Rejection, Validated
-from engine.stages.flow import Item, Stop, forward, take_batch
+from engine.stages.flow import Item
 from engine.storage.spool import Spooled
 
 log = logging.getLogger(__name__)
@@ -488,30 +488,18 @@ async def _decode(item: Item, config: IngestConfig, decoder: codecs.Decoder) -> 
     validated.payload_syntax = syntax
 
 
-async def run(
-    inbox: asyncio.Queue[Item | Stop],
-    outbox: asyncio.Queue[Item | Stop],
-    config: IngestConfig,
-    batch_max: int,
-    decoder: codecs.Decoder,
-) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        batch, stop = await take_batch(inbox, batch_max)
-        if all(_parsed_early(item) for item in batch):
-            validate_batch(batch)  # what is left is a few checks: no hand-off to a thread
-        elif batch:
-            await loop.run_in_executor(None, validate_batch, batch)
-        if batch:
-            decoding = [
-                _decode(item, config, decoder)
-                for item in batch
-                if item.validated is not None
-                and item.rejection is None
-                and needs_decoding(config, item.validated.payload_syntax)
-            ]
-            if decoding:
-                await asyncio.gather(*decoding)
-        await forward(outbox, batch, stop)
-        if stop:
-            return
+async def process(batch: list[Item], config: IngestConfig, decoder: codecs.Decoder) -> None:
+    """Validate a batch (the step of the pipeline's first stage)."""
+    if all(_parsed_early(item) for item in batch):
+        validate_batch(batch)  # what is left is a few checks: no hand-off to a thread
+    else:
+        await asyncio.get_running_loop().run_in_executor(None, validate_batch, batch)
+    decoding = [
+        _decode(item, config, decoder)
+        for item in batch
+        if item.validated is not None
+        and item.rejection is None
+        and needs_decoding(config, item.validated.payload_syntax)
+    ]
+    if decoding:
+        await asyncio.gather(*decoding)

@@ -1,4 +1,5 @@
-"""Stage 4, write: Part 10 files into the storage area, journaled, synced per batch.
+"""Write (the first stage's last step): Part 10 files into the storage area, journaled,
+synced per batch.
 
 All storage I/O runs on one thread (``StorageThread``): writes, quarantine and
 removals happen in order, so a removal can never race a rename of the same path.
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 from engine import status
 from engine.model import Outcome, Received
-from engine.stages.flow import Item, Stop, forward, take_batch
+from engine.stages.flow import Item
 from engine.storage import part10
 from engine.storage.area import SUFFIX, PendingFile, StorageArea, is_out_of_space
 from engine.storage.spool import Spooled
@@ -227,45 +228,30 @@ def write_batch(storage: StorageArea, items: list[Item]) -> None:
         item.reject(outcome, f"cannot write the file: {pending.error.strerror or pending.error}")
 
 
-async def run(
-    inbox: asyncio.Queue[Item | Stop],
-    outbox: asyncio.Queue[Item | Stop],
-    storage: StorageArea,
-    thread: StorageThread,
-    in_flight: InFlight,
-    batch_max: int,
+async def process(
+    batch: list[Item], storage: StorageArea, thread: StorageThread, in_flight: InFlight
 ) -> None:
-    while True:
-        batch, stop = await take_batch(inbox, batch_max)
-        if batch:
-            # Claim the paths before the storage thread sees the batch: from here on
-            # the index stage will not remove a file at these paths.
-            for item in batch:
-                if item.rejection is None and item.validated is not None:
-                    v = item.validated
-                    item.path = storage.instance_path(
-                        v.attributes["study_uid"],
-                        item.received.sop_instance_uid,
-                        v.digest,
-                        storage.node,
-                    )
-                    in_flight.claim(item.path)
-            try:
-                await thread.run(write_batch, storage, batch)
-            except Exception as exc:  # a bug must not leave a scanner hanging
-                log.exception("write stage failed")
-                for item in batch:
-                    item.reject(
-                        Outcome.PROCESSING_FAILURE, f"internal error in the write stage: {exc!r}"
-                    )
-            for item in batch:
-                if item.path is None:
-                    continue
-                if item.journal is None:
-                    in_flight.release(item.path)  # not written
-                    item.path = None
-                else:
-                    in_flight.journals[item.journal] += 1
-        await forward(outbox, batch, stop)
-        if stop:
-            return
+    """Write a batch's files, quarantine its rejected items (the first stage's last step)."""
+    # Claim the paths before the storage thread sees the batch: from here on
+    # the index stage will not remove a file at these paths.
+    for item in batch:
+        if item.rejection is None and item.validated is not None:
+            v = item.validated
+            item.path = storage.instance_path(
+                v.attributes["study_uid"], item.received.sop_instance_uid, v.digest, storage.node
+            )
+            in_flight.claim(item.path)
+    try:
+        await thread.run(write_batch, storage, batch)
+    except Exception as exc:  # a bug must not leave a scanner hanging
+        log.exception("write stage failed")
+        for item in batch:
+            item.reject(Outcome.PROCESSING_FAILURE, f"internal error in the write stage: {exc!r}")
+    for item in batch:
+        if item.path is None:
+            continue
+        if item.journal is None:
+            in_flight.release(item.path)  # not written
+            item.path = None
+        else:
+            in_flight.journals[item.journal] += 1
