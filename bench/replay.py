@@ -200,6 +200,23 @@ def wait_queryable(peer: Peer, expected: int, timeout: float) -> tuple[int, floa
     return count, None
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache(files: list[Path]) -> None:
+    """As root: empty the page cache (clean pages only, after ``sync``), then read the
+    files to send back into it. The runs' files are kept, and without this the page
+    cache fills up with them over a run: the kernel then reclaims memory while a peer
+    runs, and every peer after the first few pays for it (seen: the same engine's CPU
+    per instance doubling, 1100 instances/s falling to 500 within one bench run)."""
+    try:
+        DROP_CACHES.write_text("1\n")
+    except OSError:  # not root: the bench runs, less evenly
+        return
+    for path in files:
+        path.read_bytes()
+
+
 def run_once(
     peer: Peer,
     files: list[Path],
@@ -220,6 +237,7 @@ def run_once(
     # disk: otherwise a receiver that syncs pays for the hundreds of MB a rival that
     # does not (storescp) left in the page cache just before.
     os.sync()
+    drop_page_cache(files)
     try:
         peer.start()
         with TreeSampler(*peer.pids) as sampler:
