@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -23,10 +26,13 @@ from engine import digest, status
 from engine.config import DuplicatePolicy
 from engine.duplicates import Decision, Existing, decide
 from engine.errors import StorageError
+from engine.index import batch as batch_module
+from engine.index import sqlite as sqlite_module
 from engine.index.base import InstanceRow, QuarantineRow
 from engine.index.postgresql import PostgresIndex
 from engine.index.sqlite import SQLiteIndex
 from engine.model import Origin, Outcome, Received, Rejection
+from engine.stages import dedupe
 from engine.stages.flow import STOP, Item, Stop, take_batch
 from engine.stages.validate import validate
 from engine.storage import area as area_module
@@ -341,3 +347,111 @@ def test_journal_logs_rotate_and_go_once_their_batches_are_done(
     again.end_journal(left[0][0])
     again.clear_settled_journals()
     assert logs() == []
+
+
+def test_sqlite_commits_batches_on_the_loop_and_checkpoints_on_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync off: each batch commits on the loop's own thread (no hand-off), and the WAL
+    is checkpointed on the writer's thread every CHECKPOINT_EVERY batches."""
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 3)
+    threads: list[int] = []
+    checkpoints: list[int] = []
+    commit = batch_module.commit
+    checkpoint = SQLiteIndex._checkpoint_wal
+
+    def recording_commit(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return commit(*args, **kwargs)
+
+    def recording_checkpoint(index: SQLiteIndex) -> None:
+        checkpoints.append(threading.get_ident())
+        checkpoint(index)
+
+    monkeypatch.setattr(batch_module, "commit", recording_commit)
+    monkeypatch.setattr(SQLiteIndex, "_checkpoint_wal", recording_checkpoint)
+
+    async def scenario() -> int:
+        index = SQLiteIndex(tmp_path / "i.sqlite", durable=False)
+        await index.open()
+        try:
+            assert index.inline
+            for n in range(7):
+                ds = sample()
+                await index.commit_batch([_row(ds, f"d{n}", f"p{n}")], [], new_only)
+                await asyncio.sleep(0.01)  # a checkpoint scheduled meanwhile runs
+            assert (await index.stats())["instances"] == 7
+        finally:
+            await index.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert threads == [loop_thread] * 7
+    assert len(checkpoints) == 2 and loop_thread not in checkpoints
+
+
+def test_sqlite_commit_never_waits_on_the_loop_for_another_programs_lock(tmp_path: Path) -> None:
+    """Another connection holds the write lock: the batch goes to the writer's thread,
+    which waits for it, while the loop keeps running; then it commits."""
+    path = tmp_path / "i.sqlite"
+
+    async def scenario() -> int:
+        index = SQLiteIndex(path, durable=False)
+        await index.open()
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            ticker = asyncio.ensure_future(tick())
+            commit = asyncio.ensure_future(
+                index.commit_batch([_row(sample(), "d", "p")], [], new_only)
+            )
+            await asyncio.sleep(0.5)
+            assert not commit.done()  # waiting for the lock, on its thread
+            other.execute("ROLLBACK")
+            report = await asyncio.wait_for(commit, 30)
+            ticker.cancel()
+            assert report.decisions == [Decision.NEW]
+            assert (await index.stats())["instances"] == 1
+            return ticks
+        finally:
+            other.close()
+            await index.close()
+
+    assert asyncio.run(scenario()) >= 20  # the loop ran all along (50 ticks at most)
+
+
+def new_only(existing: Existing | None, digest: str) -> Decision:
+    return decide(existing, digest, DuplicatePolicy.KEEP)
+
+
+def test_dedupe_leaves_uids_being_flushed_to_the_index_stage() -> None:
+    """A UID whose row is committed but whose batch is still flushing is not answered
+    "already stored" by the fast path: the index stage judges it after its own flush."""
+    ds = sample()
+    uid = str(ds.SOPInstanceUID)
+
+    class Stored:
+        async def lookup(self, uids: list[str]) -> dict[str, Existing]:
+            raise AssertionError("lookup_now answers")
+
+        def lookup_now(self, uids: list[str]) -> dict[str, Existing] | None:
+            return {u: Existing("d", "p") for u in uids}
+
+    async def scenario(committing: set[str]) -> bool:
+        loop = asyncio.get_running_loop()
+        item = Item(received(ds), loop.create_future())
+        item.validated = validate(item.received)
+        item.validated.digest = "d"
+        await dedupe.process([item], Stored(), DuplicatePolicy.KEEP, committing)
+        return item.done
+
+    assert asyncio.run(scenario(set())) is True  # same bytes, stored: answered at once
+    assert asyncio.run(scenario({uid})) is False  # being flushed: on to the index stage

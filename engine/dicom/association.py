@@ -6,10 +6,11 @@ Bytes come in through ``data_received``, are cut into PDUs by the ``Framer``
 stop the ARTIM timer, hand a complete DIMSE message to the services, close.
 
 P-DATA fragments of a C-STORE dataset go to a spool (``storage/spool.py``) as they
-arrive: written to a temp file and hashed by a spool thread while the next PDUs come
-in. Past ``receive_buffer`` bytes not yet written, reading from the peer pauses until
-the spool catches up. Other datasets (and C-STOREs whose pixels the pipeline must
-decode) are kept as views and joined once, when the last fragment arrives. A request
+arrive: written to a temp file and hashed (by the loop itself, or by a spool thread
+while the next PDUs come in). Past ``receive_buffer`` bytes not yet written, reading
+from the peer pauses until a spool thread catches up. Other datasets (and C-STOREs
+whose pixels the pipeline must decode) are kept as views and joined once, when the
+last fragment arrives. A request
 runs as a task owned by the server; its response goes out when the pipeline has
 resolved the item. Timers:
 

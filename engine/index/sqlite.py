@@ -74,9 +74,9 @@ class SQLiteIndex:
     def __init__(self, path: Path, durable: bool, flush: Callable[[], None] | None = None) -> None:
         """``durable``: a commit is on disk when it returns (SQLite's synchronous=FULL).
 
-        ``flush``: the caller makes commits durable instead: it is called on the
-        writer's thread after each COMMIT (the storage area's one ``syncfs`` per batch,
-        which also covers the WAL), and SQLite itself does not sync (NORMAL).
+        ``flush``: the caller makes commits durable instead: it is called on a thread
+        after each COMMIT (the storage area's one ``syncfs`` per batch, which also covers
+        the WAL), and SQLite itself does not sync (NORMAL).
         """
         self.path = path
         self.durable = durable
@@ -90,6 +90,9 @@ class SQLiteIndex:
         self.inline = not durable or flush is not None
         self._since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
+        # The batch's flush after an inline commit: one thread, so flushes never overlap
+        # (one running already covers most of what a second one would flush).
+        self._flush_thread = concurrent.futures.ThreadPoolExecutor(1, "index-flush")
 
     @property
     def location(self) -> str:
@@ -174,6 +177,7 @@ class SQLiteIndex:
         if self._write_thread is not None:
             self._write_thread.shutdown(wait=True)
             self._write_thread = None
+        self._flush_thread.shutdown(wait=True)
 
     @property
     def writer(self) -> sqlite3.Connection:
@@ -228,7 +232,7 @@ class SQLiteIndex:
         rows = await self.reader.execute_fetchall("SELECT sop_instance_uid, path FROM instances")
         return [(uid, path) for uid, path in rows if path.endswith(suffix)]
 
-    # -- writes (each one transaction on the writer's thread) ----------------------
+    # -- writes (each one transaction: a batch on the loop if it can, else the thread) --
 
     async def commit_batch(
         self, rows: list[InstanceRow], quarantined: list[QuarantineRow], decide: Decide
@@ -240,10 +244,13 @@ class SQLiteIndex:
         """
         report: CommitReport | None = None
         if self.inline and self._writing.acquire(blocking=False):
+            db = self.writer
             try:  # on the loop's thread, if SQLite's lock is free too (never wait here)
+                db.execute("PRAGMA busy_timeout = 0")
                 if self._begin_now():
-                    report = self._run(batch.commit, self.writer, rows, quarantined, decide)
+                    report = self._run(batch.commit, db, rows, quarantined, decide)
             finally:
+                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 self._writing.release()
         if report is None:
             return await self._on_writer(
@@ -251,33 +258,29 @@ class SQLiteIndex:
             )
         if self.flush is not None:
             # An OSError here: committed but not known to be on disk (as on the thread).
-            await asyncio.get_running_loop().run_in_executor(None, self.flush)
-        self._since_checkpoint += 1
+            await asyncio.get_running_loop().run_in_executor(self._flush_thread, self.flush)
         if self._since_checkpoint >= CHECKPOINT_EVERY and self._checkpoint is None:
-            self._since_checkpoint = 0
             self._checkpoint = asyncio.ensure_future(self._on_writer(self._checkpoint_wal))
             self._checkpoint.add_done_callback(self._checkpointed)
         return report
 
     def _begin_now(self) -> bool:
-        """BEGIN IMMEDIATE without waiting: False if another connection (another
-        program) holds the write lock; the thread, which may wait, takes the batch."""
-        db = self.writer
-        db.execute("PRAGMA busy_timeout = 0")
+        """BEGIN IMMEDIATE without waiting (busy_timeout is 0 meanwhile: the transaction
+        never waits on the loop): False if another connection (another program) holds
+        the write lock; the thread, which may wait, takes the batch."""
         try:
-            db.execute("BEGIN IMMEDIATE")
+            self.writer.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # extended codes too
                 raise
             log.debug("index busy; committing on the writer's thread")
             return False
-        finally:
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         return True
 
     def _checkpoint_wal(self) -> None:
         """Copy the WAL into the database (PASSIVE: it never waits for readers)."""
         with self._writing:
+            self._since_checkpoint = 0
             self.writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _checkpointed(self, future: asyncio.Future[None]) -> None:
@@ -302,6 +305,9 @@ class SQLiteIndex:
         with self._writing:
             self.writer.execute("BEGIN IMMEDIATE")
             result = self._run(body, *args)
+            if self.inline and self._since_checkpoint >= CHECKPOINT_EVERY:
+                self._since_checkpoint = 0
+                self.writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         if self.flush is not None:
             self.flush()  # an OSError here: committed but not known to be on disk
         return result
@@ -312,6 +318,7 @@ class SQLiteIndex:
         try:
             result = body(*args)
             db.execute("COMMIT")
+            self._since_checkpoint += 1  # commits since the last checkpoint (under _writing)
         except BaseException:
             try:
                 if db.in_transaction:  # not after SQLite rolled back itself (a full disk)

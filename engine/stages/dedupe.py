@@ -11,6 +11,7 @@ here, and the second is settled there).
 from __future__ import annotations
 
 import logging
+from collections.abc import Container
 from typing import Protocol
 
 from engine.config import DuplicatePolicy
@@ -49,9 +50,25 @@ def apply(item: Item, decision: Decision, existing: Existing | None) -> None:
         item.resolve(Result(OUTCOME_OF[decision], "", existing.path))
 
 
-async def process(batch: list[Item], index: Lookup, policy: DuplicatePolicy) -> None:
-    """Look the batch's UIDs up and apply the policy (a step of the first stage)."""
-    candidates = [i for i in batch if i.validated is not None and i.rejection is None]
+async def process(
+    batch: list[Item],
+    index: Lookup,
+    policy: DuplicatePolicy,
+    committing: Container[str] = frozenset(),
+) -> None:
+    """Look the batch's UIDs up and apply the policy (a step of the first stage).
+
+    ``committing``: UIDs of the index stage's batch in progress. Their rows may be
+    committed and visible while its flush still runs: "already stored" must not be
+    answered from them before they are on disk, so the index stage judges those.
+    """
+    candidates = [
+        i
+        for i in batch
+        if i.validated is not None
+        and i.rejection is None
+        and i.received.sop_instance_uid not in committing
+    ]
     if not candidates:
         return
     uids = [i.received.sop_instance_uid for i in candidates]

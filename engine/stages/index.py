@@ -1,4 +1,4 @@
-"""Stage 5, index: one writer, one transaction per batch; then every item is answered.
+"""The index stage: one writer, one transaction per batch; then every item is answered.
 
 A success status leaves only after the batch's files are in place (and synced,
 with fsync on) and its rows are committed. The index judges duplicates again
@@ -80,6 +80,8 @@ class IndexStage:
         self.in_flight = in_flight
         self.decide: Decide = lambda existing, digest: decide(existing, digest, policy)
         self._cleanups: set[asyncio.Future[None]] = set()
+        # SOP Instance UIDs of the batch being committed and flushed (dedupe.process).
+        self.committing: set[str] = set()
 
     def _cleaned(self, task: asyncio.Future[None]) -> None:
         self._cleanups.discard(task)
@@ -92,9 +94,13 @@ class IndexStage:
         quarantined = [i for i in refused if i.rejection and i.rejection.outcome.quarantines]
         try:
             rows = [instance_row(item) for item in written]
-            report = await self.index.commit_batch(
-                rows, [quarantine_row(i) for i in quarantined], self.decide
-            )
+            self.committing = {row.sop_instance_uid for row in rows}
+            try:
+                report = await self.index.commit_batch(
+                    rows, [quarantine_row(i) for i in quarantined], self.decide
+                )
+            finally:
+                self.committing = set()
             self.metrics.quarantined.inc(len(quarantined))
         except Exception as exc:
             # Files stay, journals stay: the start-up recovery settles them. Nothing
@@ -131,10 +137,9 @@ class IndexStage:
                 item.resolve(Result(OUTCOME_OF[decision], "", existing.path))
             else:
                 item.resolve(Result(OUTCOME_OF[decision], "", item.path))
-        removable = [p for p in report.unreferenced if not self.in_flight.holds(p)]
-        cleanup = self.thread.run(self._after_commit, removable, finished_journals, duplicates)
+        cleanup = self._clean_up(report.unreferenced, finished_journals, duplicates)
         if not duplicates:
-            # Journal ends and removals wait on the storage thread behind the next write
+            # Journal ends and removals wait in the storage order behind the next write
             # batch; the index stage goes on with its next batch meanwhile.
             self._cleanups.add(task := asyncio.ensure_future(cleanup))
             task.add_done_callback(self._cleaned)
@@ -149,6 +154,17 @@ class IndexStage:
         for item in refused + duplicates:
             assert item.rejection is not None
             item.resolve(item.rejection)
+
+    async def _clean_up(
+        self, unreferenced: list[str], journals: set[str], duplicates: list[Item]
+    ) -> None:
+        # Judged when the work is handed over, not at the commit: a write batch may have
+        # claimed one of these paths since (and put its new file there). One claimed
+        # later is written after this removal, in the storage thread's order.
+        removable = [p for p in unreferenced if not self.in_flight.holds(p)]
+        await self.thread.run(
+            self._after_commit, removable, journals, duplicates, fast=not duplicates
+        )
 
     def _after_commit(
         self, removable: list[str], journals: set[str], duplicates: list[Item]

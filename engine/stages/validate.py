@@ -2,8 +2,9 @@
 needs, extract the index's keys.
 
 ``validate`` is plain code over records (tested without a loop). ``process`` is the
-step: it validates a batch (on the loop when the spool has parsed the headers already,
-else in a worker thread: parsing and hashing are CPU work that must not hold the
+step: it validates a batch (on the loop when the spool has parsed the headers and
+hashed the data already, as it does for datasets it writes as they arrive; else in a
+worker thread: parsing and hashing a whole dataset is CPU work that must not hold the
 event loop), sends compressed images to the decoder pool when the configuration asks
 for a pixel check or transcoding, and passes every item on. Rejected items keep
 flowing so the write step can quarantine their bytes and the index can count them.

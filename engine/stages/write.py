@@ -1,8 +1,9 @@
 """Write (the first stage's last step): Part 10 files into the storage area, journaled,
 synced per batch.
 
-All storage I/O runs on one thread (``StorageThread``): writes, quarantine and
-removals happen in order, so a removal can never race a rename of the same path.
+All storage I/O runs in one order (``StorageThread``: its thread, or the loop for quick
+work while nothing waits on the thread): writes, quarantine and removals happen in
+order, so a removal can never race a rename of the same path.
 ``InFlight`` counts files written but not yet committed; the index stage
 removes a file no row references only when no item in flight needs that path.
 """
@@ -29,25 +30,28 @@ T = TypeVar("T")
 
 
 class StorageThread:
-    """The one thread that touches the storage folder: a thread of its own, or (``inline``)
-    the event loop's, for a local disk where renames and appends take microseconds and
-    a hand-off to a thread costs more than they do."""
+    """Where storage work runs, one piece after the other: on a thread of its own, or
+    (``inline``, for a local disk) on the event loop itself when the work is quick
+    (``fast``: renames and appends take microseconds, less than a hand-off to a thread)
+    and nothing is waiting on the thread, which keeps the order. Slow work (quarantine
+    with its syncs, whole datasets held in memory, copies) always goes to the thread."""
 
     def __init__(self, inline: bool = False) -> None:
-        self._pool = (
-            None
-            if inline
-            else concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage")
-        )
+        self.inline = inline
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="storage")
+        self._queued = 0  # work handed to the thread and not finished (loop thread only)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._pool is None:
+    async def run(self, fn: Callable[..., T], *args: Any, fast: bool = False) -> T:
+        if self.inline and fast and not self._queued:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        self._queued += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._queued -= 1
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
 
 
 class InFlight:
@@ -241,8 +245,13 @@ async def process(
                 v.attributes["study_uid"], item.received.sop_instance_uid, v.digest, storage.node
             )
             in_flight.claim(item.path)
+    # Quick enough for the loop: datasets already on disk (spooled), nothing to quarantine.
+    fast = all(
+        item.rejection is None and item.validated is not None and item.validated.spooled
+        for item in batch
+    )
     try:
-        await thread.run(write_batch, storage, batch)
+        await thread.run(write_batch, storage, batch, fast=fast)
     except Exception as exc:  # a bug must not leave a scanner hanging
         log.exception("write stage failed")
         for item in batch:

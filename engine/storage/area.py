@@ -43,6 +43,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -208,14 +209,17 @@ class StorageArea:
         if not self.sync_batch:
             return None
         folders: list[Path] = []
+        found = threading.Lock()  # flushes may come from two threads (index.sqlite)
 
         def flush() -> None:
-            if not folders:  # first commit: both folders exist by now
-                folders.append(self.root)
-                if index_path is not None:  # None: the index is on a server
-                    index_folder = index_path.resolve().parent
-                    if index_folder.stat().st_dev != self.root.stat().st_dev:
-                        folders.append(index_folder)
+            with found:
+                if not folders:  # first commit: both folders exist by now
+                    found_now = [self.root]
+                    if index_path is not None:  # None: the index is on a server
+                        index_folder = index_path.resolve().parent
+                        if index_folder.stat().st_dev != self.root.stat().st_dev:
+                            found_now.append(index_folder)
+                    folders.extend(found_now)  # only once both are known
             for folder in folders:
                 _syncfs(folder)
 

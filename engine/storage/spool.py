@@ -2,10 +2,11 @@
 
 A C-STORE's dataset comes as P-DATA fragments. Instead of holding them until the
 last one and then hashing and writing the whole dataset, the association hands
-each batch of fragments to a ``Spooler`` thread, which appends them to a temp
-file in the storage folder's ``.incoming`` (after the Part 10 header) and feeds
-the digest. When the last fragment arrives, only the tail is left to write (and,
-with fsync on, the file to sync): the file is ready nearly as soon as the data is.
+each batch of fragments to the ``Spooler``, which appends them to a temp file in the
+storage folder's ``.incoming`` (after the Part 10 header) and feeds the digest, on
+the loop itself or on a spool thread. When the last fragment arrives, only the tail
+is left to write (and, with fsync on, the file to sync): the file is ready nearly as
+soon as the data is.
 
 - With ``threads = 0`` (the default on a local disk) the event loop itself writes and
   hashes each read's fragments as they come (one small thread only creates the empty
@@ -112,7 +113,7 @@ class _Worker:
         self.thread.start()
 
     def create(self) -> tuple[int, Path]:
-        """A new empty temp file (on this worker's thread)."""
+        """A new empty temp file: a spare one if there is one, else made now."""
         while self.spare:
             fd, path = self.spare.popleft()
             if os.fstat(fd).st_nlink:
@@ -158,9 +159,9 @@ class _Worker:
 class SpoolFile:
     """One dataset being spooled. Methods are called on the loop's thread.
 
-    Each hand-off wakes a spool thread, so there are few: the first ``add`` also
-    opens the file, the one that completes ``HEAD_BYTES`` also parses the header, and
-    ``finish`` takes the last fragments with it.
+    With spool threads each hand-off wakes one, so there are few: the first ``add``
+    also opens the file, the one that completes ``HEAD_BYTES`` also parses the header,
+    and ``finish`` takes the last fragments with it. Without, the same jobs run at once.
     """
 
     def __init__(
@@ -422,7 +423,7 @@ class Spooler:
         inspect: Callable[[bytes, str, bool], object] | None = None,
         writeback: bool = False,
     ) -> None:
-        """``inspect(head, transfer_syntax, complete)`` runs on a spool thread as soon as
+        """``inspect(head, transfer_syntax, complete)`` runs (where the writes do) as soon as
         ``HEAD_BYTES`` of a dataset (or all of a smaller one) are here; its result is
         ``Spooled.early``. ``fsync``: sync each file when it is complete. ``writeback``:
         start writing pages to the disk as they are written (any durable setting: the
