@@ -45,10 +45,12 @@ class StorageThread:
         if self.inline and fast and not self._queued:
             return fn(*args)
         self._queued += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        finally:
-            self._queued -= 1
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        future.add_done_callback(self._finished)  # when the thread is done, even if the
+        return await future  # caller was cancelled meanwhile
+
+    def _finished(self, _: asyncio.Future[Any]) -> None:
+        self._queued -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
