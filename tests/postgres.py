@@ -43,6 +43,13 @@ BACKENDS = [
 # the native run only otherwise (``NATIVE_RUN_BACKENDS``): the crash, forwarding, store
 # and two-node tests are the slow ones, and CI's two runs stay well under 15 minutes.
 NATIVE_RUN = os.environ.get("ENGINE_TRANSPORT", "") in ("", "native")
+# The marks of the two-node tests (tests/test_nodes*.py): real peers, native run only.
+TWO_NODE_MARKS = [
+    pytest.mark.peers,
+    pytest.mark.skipif(
+        not NATIVE_RUN, reason="the two-node tests run in the native-transport run (time)"
+    ),
+]
 NATIVE_RUN_BACKENDS = BACKENDS if NATIVE_RUN else [name for name in BACKENDS if name != POSTGRES]
 
 

@@ -42,14 +42,9 @@ from tests.burst import (
     restart,
 )
 from tests.helpers import Engine, ct_dataset, send_datasets, storescu
-from tests.postgres import NATIVE_RUN, Databases
+from tests.postgres import TWO_NODE_MARKS, Databases
 
-pytestmark = [
-    pytest.mark.peers,
-    pytest.mark.skipif(
-        not NATIVE_RUN, reason="the two-node tests run in the native-transport run (time)"
-    ),
-]
+pytestmark = TWO_NODE_MARKS
 
 WAIT = 60.0
 SIZE = 128  # 32 KB of pixel data per instance

@@ -19,7 +19,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from tests.helpers import Engine, free_port
-from tests.postgres import NATIVE_RUN, Databases
+from tests.postgres import TWO_NODE_MARKS, Databases
 from tests.test_forward import (
     FAST_RETRIES,
     STABLE_AGE,
@@ -30,12 +30,7 @@ from tests.test_forward import (
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.peers,
-    pytest.mark.skipif(
-        not NATIVE_RUN, reason="the two-node tests run in the native-transport run (time)"
-    ),
-]
+pytestmark = TWO_NODE_MARKS
 
 RULE = '\n[[forward]]\ndestination = "DEST"\n'
 
