@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -70,6 +71,10 @@ class RunResult:
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
     error: str = ""
+    # CPU seconds of the storescu clients, and how busy the whole machine was (% of all
+    # its cores) while they sent: a run near 100% measures the machine, not the peer.
+    client_cpu_s: float | None = None
+    machine_busy_pct: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +113,20 @@ def _sample(roots: tuple[int, ...]) -> tuple[int, float]:
         # utime, stime, cutime, cstime: fields 14-17 of stat, 12-15 after "(comm) ".
         ticks += sum(int(v) for v in fields[11:15])
     return rss, ticks / CLOCK_TICKS
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat", "rb") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's children that have ended (the clients)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class TreeSampler:
@@ -241,9 +260,15 @@ def run_once(
     try:
         peer.start()
         with TreeSampler(*peer.pids) as sampler:
+            clients_before, machine_before = _children_cpu(), _machine_ticks()
             start = time.monotonic()
             errors = send(peer, files, scenario, concurrency, syntax)
             seconds = time.monotonic() - start
+            client_cpu = _children_cpu() - clients_before
+            machine_after = _machine_ticks()
+            busy = [
+                after - before for before, after in zip(machine_before, machine_after, strict=True)
+            ]
             stored, queryable = wait_queryable(peer, len(files), queryable_timeout)
             stored = peer.verify_count()
     except Exception as exc:  # a crashed peer is a failed run, not a crashed bench
@@ -295,4 +320,6 @@ def run_once(
         latency_p50_ms=details.get("latency_p50_ms"),
         latency_p99_ms=details.get("latency_p99_ms"),
         error=error,
+        client_cpu_s=round(client_cpu, 2),
+        machine_busy_pct=round(100 * busy[0] / busy[1], 1) if busy[1] else None,
     )

@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 
 FIGURES = ("instances_per_s", "mb_per_s", "studies_per_s", "peak_rss_mb", "cpu_s")
+# Medians of what not every run has (older results.json files lack the last two).
+EXTRAS = ("latency_p50_ms", "latency_p99_ms", "client_cpu_s", "machine_busy_pct")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def summarise(runs: Iterable[dict[str, Any]]) -> list[Summary]:
         low = {f: min(r[f] for r in good) for f in FIGURES} if good else {}
         high = {f: max(r[f] for r in good) for f in FIGURES} if good else {}
         extra: dict[str, float | None] = {}
-        for key in ("latency_p50_ms", "latency_p99_ms", "queryable_after_s"):
+        for key in (*EXTRAS, "queryable_after_s"):
             values = [r[key] for r in good if r.get(key) is not None]
             extra[key] = statistics.median(values) if values else None
         summaries.append(
@@ -131,18 +133,22 @@ def markdown(summaries: list[Summary], meta: dict[str, Any], failed: list[dict[s
         "Absolute numbers vary with the machine; ratios from one run are comparable.",
         "",
         "| scenario | C | syntax | peer | instances/s | MB/s | studies/s | peak RSS MB "
-        "| CPU s | latency p50/p99 ms | queryable after s | runs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| CPU s | clients CPU s | machine busy % | latency p50/p99 ms | queryable after s "
+        "| runs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
         g = s.group
         p50, p99 = s.extra["latency_p50_ms"], s.extra["latency_p99_ms"]
         latency = f"{p50:g} / {p99:g}" if p50 is not None and p99 is not None else "-"
         queryable = s.extra["queryable_after_s"]
+        clients, busy = s.extra["client_cpu_s"], s.extra["machine_busy_pct"]
         lines.append(
             f"| {g.scenario} | {g.concurrency} | {g.syntax} | {g.peer} "
             f"| {_fmt(s, 'instances_per_s')} | {_fmt(s, 'mb_per_s')} "
             f"| {_fmt(s, 'studies_per_s')} | {_fmt(s, 'peak_rss_mb')} | {_fmt(s, 'cpu_s')} "
+            f"| {'-' if clients is None else f'{clients:g}'} "
+            f"| {'-' if busy is None else f'{busy:g}'} "
             f"| {latency} | {'-' if queryable is None else f'{queryable:g}'} "
             f"| {s.repeats - s.failed}/{s.repeats} |"
         )

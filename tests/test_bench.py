@@ -59,10 +59,14 @@ def test_bench_smoke_run_writes_verified_reports(tmp_path: Path) -> None:
         assert run["verified"] is True
         assert run["instances"] == run["stored"] == 6
         assert run["instances_per_s"] > 0 and run["peak_rss_mb"] > 0
+        # The storescu clients ran and took CPU; the machine was busy, within its cores.
+        assert run["client_cpu_s"] > 0
+        assert 0 < run["machine_busy_pct"] <= 100
     engine_runs = [r for r in runs if r["peer"] == "engine"]
     assert all(r["latency_p50_ms"] is not None for r in engine_runs)
     table = (out / "results.md").read_text()
     assert "| burst | 1 | explicit | engine |" in table
+    assert "| clients CPU s | machine busy % |" in table
     assert "vs storescp" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[4/4]" in done.stderr  # progress display
