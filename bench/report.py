@@ -80,6 +80,12 @@ def _fmt(summary: Summary, figure: str) -> str:
     return f"{m:g} ({lo:g}-{hi:g})"
 
 
+def _optional(summary: Summary, key: str) -> str:
+    """A median not every run has (``EXTRAS``), or "-"."""
+    value = summary.extra[key]
+    return "-" if value is None else f"{value:g}"
+
+
 PEER_ORDER = {
     "engine": 0,
     "engine-nosync": 1,
@@ -141,15 +147,12 @@ def markdown(summaries: list[Summary], meta: dict[str, Any], failed: list[dict[s
         g = s.group
         p50, p99 = s.extra["latency_p50_ms"], s.extra["latency_p99_ms"]
         latency = f"{p50:g} / {p99:g}" if p50 is not None and p99 is not None else "-"
-        queryable = s.extra["queryable_after_s"]
-        clients, busy = s.extra["client_cpu_s"], s.extra["machine_busy_pct"]
         lines.append(
             f"| {g.scenario} | {g.concurrency} | {g.syntax} | {g.peer} "
             f"| {_fmt(s, 'instances_per_s')} | {_fmt(s, 'mb_per_s')} "
             f"| {_fmt(s, 'studies_per_s')} | {_fmt(s, 'peak_rss_mb')} | {_fmt(s, 'cpu_s')} "
-            f"| {'-' if clients is None else f'{clients:g}'} "
-            f"| {'-' if busy is None else f'{busy:g}'} "
-            f"| {latency} | {'-' if queryable is None else f'{queryable:g}'} "
+            f"| {_optional(s, 'client_cpu_s')} | {_optional(s, 'machine_busy_pct')} "
+            f"| {latency} | {_optional(s, 'queryable_after_s')} "
             f"| {s.repeats - s.failed}/{s.repeats} |"
         )
     table = ratios(summaries)
