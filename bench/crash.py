@@ -58,7 +58,7 @@ from bench import crash_report, scanner
 from bench.audit import QUARANTINE, Findings, Scratch, audit
 from bench.find import FindError, find_images
 from bench.generate import StudySpec
-from bench.peers import STOP_TIMEOUT, EnginePeer
+from bench.peers import START_TIMEOUT, STOP_TIMEOUT, EnginePeer
 from bench.scanner import AckLog, Answer, ScannerJob, Share
 from engine import status
 from engine.config import QueryConfig
@@ -229,7 +229,18 @@ class Campaign:
                 self._kill()
             tail = self._log_since(self._log_offset)[-2000:]
             raise Aborted(f"the engine did not start: {exc}\n{tail}") from exc
-        return time.monotonic() - started
+        accepting = time.monotonic() - started
+        self._wait_for_ready_line()
+        return accepting
+
+    def _wait_for_ready_line(self) -> None:
+        """The engine listens a moment before it logs "engine ready" (the line the
+        start-up figure ends at): wait for the line, within the start timeout."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while READY_LINE not in self._log_since(self._log_offset):
+            if time.monotonic() > deadline:
+                raise Aborted(f'the engine accepts associations but never logged "{READY_LINE}"')
+            time.sleep(POLL)
 
     def _kill(self) -> str | None:
         """SIGKILL the engine by its PID, then anything left in the process group it
