@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,6 +144,18 @@ def _setup_logging(level: str) -> None:
     )
     # pynetdicom logs every PDU at INFO; keep its warnings only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    threading.excepthook = _log_thread_crash
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    """An exception that ends a thread (ours or pynetdicom's) becomes one log record with
+    its traceback: Python's default hook writes it to stderr piece by piece, where it
+    interleaves with the records other threads log at the same moment."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    log.error("uncaught exception in thread %s", name, exc_info=exc_info)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import logging
 import random
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from bench.fuzz.model import Case, Family, FindingKind, Reaction
 from bench.fuzz.peer import Timing, run_case
 from bench.fuzz.seeds import Seeds
 from bench.fuzz.watch import judge_log
+from engine import cli
 from engine.dicom import acse, dimse, pdu
 from engine.dicom.services import Services
 from tests.helpers import REPO, TRANSPORT, InProcess, engine_in_thread
@@ -150,6 +152,59 @@ def test_the_log_judge_tells_reactions_from_crashes() -> None:
     assert verdict.levels["UNCAUGHT"] == 3
 
 
+def test_the_engine_logs_a_thread_crash_as_one_record(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the engine's logging set up, an exception that ends a thread is an ERROR record
+    naming the thread, carrying the traceback; a thread's SystemExit stays silent."""
+    monkeypatch.setattr(threading, "excepthook", cli._log_thread_crash)
+
+    def crash() -> None:
+        raise KeyError(3)
+
+    def leave() -> None:
+        sys.exit(0)
+
+    with caplog.at_level(logging.ERROR, logger="engine.cli"):
+        for name, target in (("crasher", crash), ("leaver", leave)):
+            thread = threading.Thread(target=target, name=name)
+            thread.start()
+            thread.join()
+    assert [r.getMessage() for r in caplog.records] == ["uncaught exception in thread crasher"]
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert record.exc_info[0] is KeyError
+    assert "in crash" in caplog.text and "KeyError: 3" in caplog.text
+
+
+def test_the_log_judge_reads_the_engines_own_thread_crash_records() -> None:
+    """The engine logs a thread's uncaught exception as one record; the judge tells
+    pynetdicom's threads from ours by the name and the frames, as for Python's hook."""
+    log = [
+        f"{STAMP} ERROR engine.cli: uncaught exception in thread Thread-293 (run_reactor)",
+        *LIBRARY_TRACEBACK,
+        f"{STAMP} WARNING engine.dicom.scp: association aborted: RAWPEER from 127.0.0.1:5",
+        f"{STAMP} ERROR engine.cli: uncaught exception in thread AcceptorThread@20261127",
+        *LIBRARY_TRACEBACK[:2],
+        '  File "/x/site-packages/pynetdicom/pdu.py", line 505, in to_primitive',
+        "AttributeError: 'NoneType' object has no attribute 'is_private'",
+        f"{STAMP} ERROR engine.cli: uncaught exception in thread spool",
+        *ENGINE_TRACEBACK,
+    ]
+    verdict = judge_log("\n".join(log))
+    assert verdict.library_crashes == {
+        "Exception in thread Thread-N (run_reactor): KeyError: N": 1,
+        "Exception in thread AcceptorThread@UID: AttributeError: 'NoneType' object has no attribute"
+        " 'is_private'": 1,
+    }
+    assert set(verdict.unexpected_kinds) == {
+        "Exception in thread spool: engine.errors.StorageError: a bug in a thread of ours",
+    }
+    assert verdict.levels["UNCAUGHT"] == 3
+    assert "ERROR" not in verdict.levels
+    assert verdict.warnings == {"association aborted: RAWPEER from PEER": 1}
+
+
 # -- a campaign ------------------------------------------------------------------------------------
 
 
@@ -179,7 +234,7 @@ def test_a_small_campaign(tmp_path: Path) -> None:
     assert (sender["failed"], sender["lost"]) == (0, 0)
     engine = report["engine"]
     assert (engine["final_echo"], engine["exit_code"]) == ("success", 0)
-    assert report["log"]["unexpected"] == 0
+    assert report["log"]["unexpected"] == 0, report["log"]["unexpected_examples"]
     assert set(report["by_family"]) == {str(f) for f in Family}
     seen = set(report["reactions"])
     assert {str(Reaction.A_ABORT), str(Reaction.A_RELEASE_RP)} <= seen

@@ -15,9 +15,13 @@ outside logging) and every fatal error, with these exceptions:
   pynetdicom, or with pynetdicom's frames and none of ours) is a defect of that
   transport, not of the engine's code: ``library_crashes``, a finding of its own.
 
-Python writes a thread's traceback to stderr piece by piece, outside logging's lock, so
-on the pynetdicom transport it interleaves with other records, even within a line: a
-record header is looked for anywhere in a line, not only at its start.
+The engine logs such an exception as one record ("uncaught exception in thread NAME",
+engine/cli.py) followed by its traceback, written whole under logging's lock. Python's
+default hook, which an older engine or another program may still use, writes it to
+stderr piece by piece, outside that lock, so on the pynetdicom transport it interleaves
+with other records, even within a line: a record header is looked for anywhere in a
+line, not only at its start, and such crashes are judged from what can be pieced
+together (a thread name lost in the interleaving can leave one judged ours).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ _HEADER = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>.*)$"
 )
 _THREAD_CRASH = re.compile(r"Exception in thread (?P<thread>[^:]*)")
+# The record the engine logs for an exception that ended a thread (engine/cli.py), with
+# the traceback after it: whole, unlike Python's default hook's output.
+_THREAD_CRASH_RECORD = re.compile(r"^uncaught exception in thread (?P<thread>.*)$")
 _FATAL = ("Fatal Python error", "Exception ignored in")
 TRACEBACK = "Traceback (most recent call last)"
 THREAD_START = "_bootstrap_inner"  # the first frame of every thread's traceback
@@ -192,6 +199,11 @@ def judge_log(text: str) -> LogVerdict:
             continue
         level, name, message = header["level"], header["name"], header["message"]
         verdict.records += 1
+        record = _THREAD_CRASH_RECORD.match(message)
+        if record is not None:
+            verdict.levels["UNCAUGHT"] += 1
+            _thread_crash(verdict, record["thread"], [line, *lines[i + 1 : i + CRASH_WINDOW]])
+            continue
         verdict.levels[level] += 1
         if level == "WARNING":
             verdict.warnings[template(message)] += 1
