@@ -97,18 +97,19 @@ def restore(command: Command, backup: Path, target: Engine, *extra: str) -> Ran:
     return command("restore", "--from", str(backup), "--config", str(target.config_path), *extra)
 
 
-def manifest_entries(destination: Path) -> int:
-    """Instance files the manifest lists (what a backup has committed so far)."""
+def manifest_entries(destination: Path, busy_timeout_ms: int = 10_000) -> int:
+    """Instance files the manifest lists (what a backup has committed so far); 0 while
+    it has no table yet, or stays locked beyond ``busy_timeout_ms``."""
     path = destination / "manifest.sqlite"
     if not path.exists():
         return 0
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         try:
             (count,) = db.execute(
                 "SELECT COUNT(*) FROM files WHERE path LIKE 'storage/%'"
             ).fetchone()
-        except sqlite3.OperationalError:  # created, its table not yet
+        except sqlite3.OperationalError:  # created, its table not yet; or locked
             return 0
     return int(count)
 
@@ -419,7 +420,11 @@ def test_backup_settings_are_checked(tmp_path: Path) -> None:
 
 def interrupt(engine: Engine, destination: Path, at: int, sig: signal.Signals) -> int:
     """Start a backup, send ``sig`` once the manifest lists ``at`` files; returns its
-    exit status."""
+    exit status.
+
+    The backup is stopped (SIGSTOP) while its manifest is looked at, so it cannot finish
+    between the look and the signal (it copies these small files in a fraction of a
+    second; on a busy machine this process can be off the CPU that long)."""
     backup = subprocess.Popen(
         [
             sys.executable, "-m", "engine", "backup",
@@ -431,11 +436,17 @@ def interrupt(engine: Engine, destination: Path, at: int, sig: signal.Signals) -
     )  # fmt: skip
     try:
         deadline = time.monotonic() + WAIT
-        while manifest_entries(destination) < at and backup.poll() is None:
+        while True:
+            assert backup.poll() is None, "the backup ended before it could be interrupted"
+            backup.send_signal(signal.SIGSTOP)
+            # A stopped backup may hold the manifest's lock: do not wait for it.
+            if manifest_entries(destination, busy_timeout_ms=0) >= at:
+                break
+            backup.send_signal(signal.SIGCONT)
             assert time.monotonic() < deadline, "the backup made no progress"
             time.sleep(POLL)
-        assert backup.poll() is None, "the backup ended before it could be interrupted"
-        backup.send_signal(sig)
+        backup.send_signal(sig)  # pending until it runs again (SIGKILL ends it stopped)
+        backup.send_signal(signal.SIGCONT)
         code = backup.wait(WAIT)
         assert backup.stderr is not None
         if sig == signal.SIGINT:
