@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,14 @@ from tests.helpers import Engine
 from tests.postgres import POSTGRES, backends_of, new_index, postgres
 
 __all__ = ["postgres"]  # the session's PostgreSQL cluster (tests/postgres.py), a fixture
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run started in the background (``cmd &`` from a script) inherits SIGINT ignored,
+    and so would every engine command it starts: the tests that stop one with SIGINT
+    (Ctrl-C) need Python's own handler, which a child gets back at exec."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
