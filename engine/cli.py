@@ -154,7 +154,10 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
     name = args.thread.name if args.thread is not None else "?"
-    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    if args.exc_value is None:  # possible in the hook's signature, not seen from a thread
+        log.error("uncaught exception in thread %s: %s", name, args.exc_type.__name__)
+        return
+    exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
     log.error("uncaught exception in thread %s", name, exc_info=exc_info)
 
 
