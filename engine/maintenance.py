@@ -1,5 +1,5 @@
 """``python -m engine reindex`` and ``python -m engine verify``: the index rebuilt from the
-storage folder (``engine/reindex.py``), or the two checked against each other
+storage folder (``engine/reindex/``), or the two checked against each other
 (``engine/verify.py``).
 
 Each prints its result as one JSON object on stdout, its progress on stderr, and each

@@ -34,9 +34,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from engine.backup.manifest import uri
 from engine.config import Config, Transcode
 from engine.errors import IndexDatabaseError, StorageError
-from engine.index.sqlite import BUSY_TIMEOUT_MS
+from engine.index.sqlite import BUSY_TIMEOUT_MS, COMPANIONS, companion
 from engine.progress import Progress
-from engine.reindex import COMPANIONS, NEW_SUFFIX, OLD_SUFFIX, READERS, companion
+from engine.reindex import NEW_SUFFIX, OLD_SUFFIX, READERS
 from engine.storage import files
 from engine.storage.area import StorageArea
 

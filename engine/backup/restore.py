@@ -28,14 +28,11 @@ from engine.backup.create import BATCH_FILES
 from engine.backup.folder import INDEX, BackupFolder, fsync_dir, write_error
 from engine.backup.manifest import InstanceFile, Manifest, uri
 from engine.errors import BackupError
+from engine.index.sqlite import COMPANIONS, companion
 from engine.progress import Progress
 from engine.storage.area import CLEAN_MARK, INCOMING, LOCK, make_dirs
 
 log = logging.getLogger(__name__)
-
-# The index's companions: a stale -wal left beside a replaced index would be replayed
-# into it.
-_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 @dataclass(slots=True)
@@ -242,8 +239,9 @@ def _install_index(folder: BackupFolder, index: Path, digest: str, size: int) ->
         temp.unlink(missing_ok=True)
         raise BackupError(f"the backup's index {folder.index} changed while being restored")
     try:
-        for suffix in _COMPANIONS:
-            Path(f"{index}{suffix}").unlink(missing_ok=True)
+        # A stale -wal left beside the replaced index would be replayed into it.
+        for suffix in COMPANIONS:
+            companion(index, suffix).unlink(missing_ok=True)
         os.replace(temp, index)
         fsync_dir(index.parent)
     except OSError as exc:

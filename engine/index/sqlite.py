@@ -40,6 +40,8 @@ BUSY_TIMEOUT_MS = 60_000
 # writer's thread): SQLite's own checkpoint, every 1000 pages, would run inside a
 # commit, and with it its syncs.
 CHECKPOINT_EVERY = 256
+# SQLite's own files beside a database.
+COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def schema_scripts() -> list[tuple[int, str]]:
@@ -53,6 +55,17 @@ def schema_scripts() -> list[tuple[int, str]]:
 
 
 SCHEMA_VERSION = schema_scripts()[-1][0]
+
+
+def companion(path: Path, suffix: str) -> Path:
+    """A file SQLite keeps beside the database ``path`` (``-wal``), or one named like it."""
+    return Path(f"{path}{suffix}")
+
+
+def remove_database(path: Path) -> None:
+    """An SQLite database and its journal files."""
+    for suffix in ("", *COMPANIONS):
+        companion(path, suffix).unlink(missing_ok=True)
 
 
 class SQLiteIndex:

@@ -1,43 +1,5 @@
-"""``python -m engine reindex``: rebuild the index from the storage folder alone.
-
-Every instance file is read through once: its header is parsed and its index values
-extracted by the ingest's own code (``engine/stages/validate.py``), so patients,
-studies, series, instances and the kept headers (``instance_headers``, from which
-WADO-RS metadata is answered) come out as the ingest made them, and C-FIND, QIDO-RS and
-WADO-RS answer as before. Rows go in through ``SQLiteIndex.commit_batch``, a few
-hundred files per transaction, with the ingest's counts and recounts.
-
-What only the index knew is taken from the old index, when there is one and it can
-be read:
-
-- per instance, when the file is the one its row named: when it was received, the
-  calling and called AE titles, the peer's address, and its digest (of the dataset as
-  received: for an image stored transcoded, not the digest of the file's dataset);
-- per study its created, updated and stable times, per series its updated time;
-- every other table (``quarantine``, ``backups``, ``forward_queue``, ``forward_sent``,
-  and whatever a later schema adds), copied whole.
-
-Without it, or for a file it did not know: a journal entry left by a crash still
-names the instance's origin; otherwise ``received_at`` is the file's mtime, the
-calling AE title the file meta's Source AE Title, the called AE title and the peer's
-address are unknown (empty), and the digest is computed from the file. The quarantine
-table is rebuilt from the quarantine folder's notes; the backups and forwarding
-history are lost; studies settled for ``stable_age`` are marked stable as of their last
-instance (as the index upgrade that brought stable studies did), so that no
-``[[forward]]`` rule sends the whole archive again.
-
-Invariants:
-
-- No engine runs on the storage folder: reindex holds the lock the engine takes
-  (``StorageArea``) from start to end, and does not start when it cannot take it.
-- Nothing in the storage folder is written, moved or removed: a file that does not
-  parse, or another copy of an instance already indexed, is reported and left as is.
-- The new index is built beside the old one (``<index>.reindex``), synced, and renamed
-  over it in one step. Until then the old index is untouched (but for a checkpoint of
-  its write-ahead log); it is kept as ``<index>.bak`` until the rename has succeeded,
-  and for good when some of it could not be read. A reindex stopped before the rename
-  leaves the old index as it was, and its next run starts again from the beginning.
-"""
+"""The reindex job: the new index built beside the old one from the storage folder's
+files, then renamed over it (see the package's docstring for what it keeps)."""
 
 from __future__ import annotations
 
@@ -60,24 +22,22 @@ from typing import Any
 import orjson
 from pydicom.uid import ExplicitVRLittleEndian
 
-from engine.attributes import ALL_KEYS
 from engine.backup.manifest import uri
 from engine.config import Config, DuplicatePolicy, Transcode
 from engine.duplicates import Decision, Existing
 from engine.errors import IndexDatabaseError, StorageError
 from engine.index.base import InstanceRow, QuarantineRow
-from engine.index.sqlite import BUSY_TIMEOUT_MS, SCHEMA_VERSION, SQLiteIndex
-from engine.model import Rejection
+from engine.index.sqlite import (
+    BUSY_TIMEOUT_MS,
+    COMPANIONS,
+    SQLiteIndex,
+    companion,
+    remove_database,
+)
 from engine.progress import Progress
 from engine.recovery import MISSING_LIMIT
-from engine.stages.validate import (
-    REQUIRED_UIDS,
-    check_uid_texts,
-    extract,
-    header_bytes,
-    parse_complete,
-    parse_header,
-)
+from engine.reindex.old_index import Known, OldIndex, OldState
+from engine.reindex.parse import Parsed, parse_all
 from engine.storage import files
 from engine.storage.area import LOCK, StorageArea
 
@@ -87,12 +47,8 @@ log = logging.getLogger(__name__)
 BATCH = 256
 # Threads reading and parsing files: enough to hide a NAS's latency.
 READERS = 4
-# SQLite's IN lists: far below its limit on host parameters.
-CHUNK = 500
 NEW_SUFFIX = ".reindex"
 OLD_SUFFIX = ".bak"
-# SQLite's own files beside a database.
-COMPANIONS = ("-wal", "-shm", "-journal")
 # Tables made from the files; every other table of the old index is copied.
 DERIVED_TABLES = frozenset({"patients", "studies", "series", "instances", "instance_headers"})
 QUARANTINE_TABLE = "quarantine"
@@ -101,7 +57,6 @@ NOTE_TIME = "%Y-%m-%dT%H:%M:%SZ"
 NOTE_SUFFIX = ".json"
 # The old index's name in the new index's connection while its tables are copied.
 OLD = "old"
-_KNOWN_COLUMNS = "sop_instance_uid, path, digest, received_at, calling_ae, called_ae, peer_ip"
 
 
 class OriginSource(enum.StrEnum):
@@ -110,44 +65,6 @@ class OriginSource(enum.StrEnum):
     OLD_INDEX = "old index"
     JOURNAL = "journal"
     FILE = "file"
-
-
-class OldState(enum.StrEnum):
-    NONE = "none"
-    READ = "read"
-    UNREADABLE = "unreadable"
-
-
-@dataclass(frozen=True, slots=True)
-class Known:
-    """What the old index (or a journal entry) says of an instance and its file."""
-
-    uid: str
-    path: str
-    digest: str
-    received_at: float
-    calling_ae: str
-    called_ae: str
-    peer_ip: str
-
-
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    """A file read and parsed as the ingest parses what it receives."""
-
-    file: files.StoredFile
-    size: int
-    attributes: dict[str, Any]
-    transfer_syntax: str
-    header: bytes | None
-    digest: str  # of the file's dataset
-    # SHA-256 of the dataset, when the file's name does not carry its BLAKE3.
-    legacy_digest: str | None
-    source_ae: str
-
-    @property
-    def uid(self) -> str:
-        return str(self.attributes["sop_instance_uid"])
 
 
 @dataclass(slots=True)
@@ -269,16 +186,6 @@ def engine_lock(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def companion(path: Path, suffix: str) -> Path:
-    return Path(f"{path}{suffix}")
-
-
-def remove_database(path: Path) -> None:
-    """An SQLite database and its journal files."""
-    for suffix in ("", *COMPANIONS):
-        companion(path, suffix).unlink(missing_ok=True)
-
-
 def _fsync(path: Path, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
@@ -289,174 +196,6 @@ def _fsync(path: Path, directory: bool = False) -> None:
 
 def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _chunks(items: list[str]) -> Iterator[list[str]]:
-    unique = list(dict.fromkeys(items))
-    for start in range(0, len(unique), CHUNK):
-        yield unique[start : start + CHUNK]
-
-
-# -- the old index ----------------------------------------------------------------------
-
-
-class OldIndex:
-    """The index being replaced, read-only: what only it knows."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.state = OldState.NONE
-        self.problem = ""
-        self.instances = 0
-        self._db: sqlite3.Connection | None = None
-
-    @classmethod
-    def open(cls, path: Path) -> OldIndex:
-        """Raises ``IndexDatabaseError`` for an index of a newer engine."""
-        old = cls(path)
-        if not path.exists():
-            return old
-        _checkpoint(path)
-        try:
-            db = sqlite3.connect(uri(path, mode="ro"), uri=True, check_same_thread=False)
-        except sqlite3.Error as exc:
-            old.unreadable(exc)
-            return old
-        try:
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            (version,) = db.execute("PRAGMA user_version").fetchone()
-            if version > SCHEMA_VERSION:
-                raise IndexDatabaseError(
-                    f"the index {path} has schema version {version}; this engine knows up to"
-                    f" {SCHEMA_VERSION}: reindex with the engine that wrote it"
-                )
-            (old.instances,) = db.execute("SELECT COUNT(*) FROM instances").fetchone()
-        except sqlite3.Error as exc:
-            db.close()
-            old.unreadable(exc)
-            return old
-        except BaseException:
-            db.close()
-            raise
-        old._db = db
-        old.state = OldState.READ
-        return old
-
-    def unreadable(self, exc: BaseException) -> None:
-        log.warning("the old index %s cannot be read: %s", self.path, exc)
-        self.state = OldState.UNREADABLE
-        self.problem = str(exc)
-        self.close()
-
-    def known(self, uids: list[str]) -> dict[str, Known]:
-        """What the old index says of these instances (nothing once it fails)."""
-        found: dict[str, Known] = {}
-        if self._db is None:
-            return found
-        try:
-            for chunk in _chunks(uids):
-                marks = ", ".join("?" for _ in chunk)
-                for row in self._db.execute(
-                    f"SELECT {_KNOWN_COLUMNS} FROM instances WHERE sop_instance_uid IN ({marks})",
-                    chunk,
-                ):
-                    uid, path, digest, received_at, calling, called, peer = row
-                    found[uid] = Known(
-                        uid,
-                        str(path),
-                        str(digest),
-                        float(received_at),
-                        calling or "",
-                        called or "",
-                        peer or "",
-                    )
-        except (sqlite3.Error, TypeError, ValueError) as exc:
-            self.unreadable(exc)
-            return {}
-        return found
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-
-def _checkpoint(path: Path) -> None:
-    """Move what the old index's write-ahead log holds into it (left by a crash), so
-    that the index file alone is the whole old index when it is renamed aside."""
-    wal = companion(path, "-wal")
-    try:
-        if not wal.exists() or wal.stat().st_size == 0:
-            return
-        db = sqlite3.connect(path)
-        try:
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            db.close()
-    except (OSError, sqlite3.Error) as exc:
-        log.warning("cannot checkpoint the old index %s: %s", path, exc)
-
-
-# -- reading a file -----------------------------------------------------------------------
-
-
-def parse(root: Path, stored: files.StoredFile) -> Parsed | str:
-    """One file read and parsed as the ingest does; or why it cannot be indexed."""
-    path = root / stored.rel_path
-    try:
-        return _parse(path, stored)
-    except files.NotPart10 as exc:
-        return str(exc)
-    except Rejection as rejection:
-        return rejection.message
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
-    except Exception as exc:  # whatever a file holds, the others are indexed
-        return f"does not parse: {exc!r}"
-
-
-def parse_all(root: Path, stored: list[files.StoredFile]) -> list[Parsed | str]:
-    return [parse(root, f) for f in stored]
-
-
-def _parse(path: Path, stored: files.StoredFile) -> Parsed:
-    opened = files.read(path)
-    syntax = opened.transfer_syntax
-    size = opened.size - opened.offset
-    data = opened.head
-    header = None if opened.complete else parse_header(data, syntax, size)
-    if header is None:  # the header goes on past the first bytes, or a deflated dataset
-        if not opened.complete:
-            data = files.dataset_bytes(path, opened.offset)
-        header = parse_complete(data, syntax)
-    fast = header.attributes
-    attributes = dict(fast) if fast is not None else extract(header.ds)
-    texts = {kw: attributes[col] for col, kw in ALL_KEYS.items() if kw in REQUIRED_UIDS}
-    # The file meta's UIDs play the request's part: the ingest wrote them from it.
-    check_uid_texts(
-        texts,
-        opened.meta_text("MediaStorageSOPClassUID") or str(texts["SOPClassUID"] or "").strip(),
-        opened.meta_text("MediaStorageSOPInstanceUID")
-        or str(texts["SOPInstanceUID"] or "").strip(),
-    )
-    kept = header_bytes(data, syntax, header)
-    if kept is not None and header.pixel_tag is None and len(data) < size:
-        kept = None  # no pixel data and only the dataset's start here: not all of it
-    name = files.parse_name(stored.name)
-    legacy = None
-    if name is not None and not opened.digest.startswith(name.digest):
-        legacy = files.legacy_digest(path, opened.offset)
-    return Parsed(
-        file=stored,
-        size=opened.size,
-        attributes=attributes,
-        transfer_syntax=syntax,
-        header=kept,
-        digest=opened.digest,
-        legacy_digest=legacy,
-        source_ae=opened.meta_text("SourceApplicationEntityTitle"),
-    )
 
 
 def _first_copy(existing: Existing | None, digest: str) -> Decision:
