@@ -16,8 +16,15 @@ from typing import Any
 import orjson
 
 FIGURES = ("instances_per_s", "mb_per_s", "studies_per_s", "peak_rss_mb", "cpu_s")
-# Medians of what not every run has (older results.json files lack the last two).
-EXTRAS = ("latency_p50_ms", "latency_p99_ms", "client_cpu_s", "machine_busy_pct")
+# Medians of what not every run has (a failed run has no latency or queryable time; older
+# results.json files lack the clients' CPU and the machine's load).
+EXTRAS = (
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "queryable_after_s",
+    "client_cpu_s",
+    "machine_busy_pct",
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ def summarise(runs: Iterable[dict[str, Any]]) -> list[Summary]:
         low = {f: min(r[f] for r in good) for f in FIGURES} if good else {}
         high = {f: max(r[f] for r in good) for f in FIGURES} if good else {}
         extra: dict[str, float | None] = {}
-        for key in (*EXTRAS, "queryable_after_s"):
+        for key in EXTRAS:
             values = [r[key] for r in good if r.get(key) is not None]
             extra[key] = statistics.median(values) if values else None
         summaries.append(
